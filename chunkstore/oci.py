@@ -5,9 +5,11 @@ Pure and network-free; nothing from outside may reach a URL or a file path witho
 from __future__ import annotations
 
 import hashlib
+import io
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 # --- media types -------------------------------------------------------------------------------------------------
 
@@ -214,3 +216,92 @@ def parse_image_ref(text: str) -> ImageRef:
     if not colon and not at:
         tag = DEFAULT_TAG
     return ImageRef(registry=registry, repository=name, tag=tag or None, digest=digest or None)
+
+
+# --- verified streams ----------------------------------------------------------------------------------------------
+
+
+class DigestMismatch(ValueError):
+    """Content does not match the digest (or size) it was fetched or stored under."""
+
+
+class VerifyingReader(io.RawIOBase):
+    """A read-only file object over `source` that checks `digest` (and `size`, if given) when EOF is reached.
+
+    Raises DigestMismatch from the read that hits EOF, so a consumer that reads to the end never sees a silent
+    corruption. A consumer that stops early gets no check: call `verify_rest()` to drain and check.
+    """
+
+    def __init__(self, source: BinaryIO, digest: str, size: int | None = None) -> None:
+        super().__init__()
+        self._source = source
+        self.digest = validate_digest(digest)
+        self.size = size
+        self._hash = hashlib.new(self.digest.split(":", 1)[0])
+        self.bytes_read = 0
+        self._verified = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._source.read(len(view))
+        if not data:
+            self._verify()
+            return 0
+        n = len(data)
+        view[:n] = data
+        self._account(data)
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        # Loop so read(n) returns n bytes unless at EOF, like a buffered file; stream consumers expect that.
+        if size is None or size < 0:
+            return self.readall()
+        parts: list[bytes] = []
+        remaining = size
+        while remaining > 0:
+            data = self._source.read(remaining)
+            if not data:
+                self._verify()
+                break
+            self._account(data)
+            parts.append(data)
+            remaining -= len(data)
+        return b"".join(parts)
+
+    def readall(self) -> bytes:
+        parts: list[bytes] = []
+        while data := self.read(1 << 20):
+            parts.append(data)
+        self._verify()
+        return b"".join(parts)
+
+    def verify_rest(self) -> None:
+        """Read and discard whatever is left, then check the digest."""
+        while self.read(1 << 20):
+            pass
+        self._verify()
+
+    def close(self) -> None:
+        try:
+            self._source.close()
+        finally:
+            super().close()
+
+    def _account(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.bytes_read += len(data)
+        if self.size is not None and self.bytes_read > self.size:
+            raise DigestMismatch(f"{self.digest}: got more than the expected {self.size} bytes")
+
+    def _verify(self) -> None:
+        if self._verified:
+            return
+        if self.size is not None and self.bytes_read != self.size:
+            raise DigestMismatch(f"{self.digest}: got {self.bytes_read} bytes, expected {self.size}")
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self.digest:
+            raise DigestMismatch(f"content does not match its digest: expected {self.digest}, got {actual}")
+        self._verified = True

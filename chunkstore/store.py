@@ -1,0 +1,274 @@
+"""The local dedup store of chunks (zstd-compressed, verified on read) and of the images they belong to.
+
+Storage is one SQLite database in WAL mode, chosen over one-file-per-chunk because:
+- a transaction makes a write all-or-nothing: a process killed at any instant, or a full disk, leaves
+  the previous consistent state, and a half-written chunk is never visible;
+- WAL lets several processes read while one writes (writers queue on a busy timeout);
+- batching thousands of chunk writes in one transaction is fast, and 64 KiB blobs are read from SQLite
+  about as fast as from files (sqlite.org/intern-v-extern-blob.html) without a million inodes;
+- listing a million ids for the have-set is one index scan, not a directory walk.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import zstandard
+
+from .index import ID_SIZE, chunk_id
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB NOT NULL UNIQUE,      -- BLAKE3-256 of the uncompressed bytes
+    size INTEGER NOT NULL,        -- uncompressed length
+    data BLOB NOT NULL            -- zstd frame
+);
+CREATE TABLE IF NOT EXISTS images (
+    repository TEXT NOT NULL,
+    manifest_digest TEXT NOT NULL,
+    manifest BLOB,
+    config BLOB,
+    index_data BLOB NOT NULL,     -- encoded chunk index (docs/FORMAT.md)
+    complete INTEGER NOT NULL DEFAULT 0,  -- 1 once every chunk of the index is in the store
+    added REAL NOT NULL,
+    PRIMARY KEY (repository, manifest_digest)
+);
+"""
+_BATCH = 500
+
+
+class StoreError(Exception):
+    pass
+
+
+class CorruptChunk(StoreError):
+    def __init__(self, cid: bytes):
+        super().__init__(f"chunk {cid.hex()} in the store is corrupt (its bytes do not match its id); "
+                         "it was removed, fetch it again")
+        self.chunk_id = cid
+
+
+@dataclass
+class ImageRecord:
+    repository: str
+    manifest_digest: str
+    manifest: bytes | None
+    config: bytes | None
+    index_data: bytes
+    complete: bool
+    added: float
+
+
+@dataclass
+class StoreStats:
+    chunks: int
+    stored_bytes: int
+    uncompressed_bytes: int
+    images: int
+
+
+class LocalStore:
+    """Chunks by id, and image records. Safe to share between threads and processes."""
+
+    def __init__(self, path: str | Path, level: int = 3):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.path / "store.db"
+        self._level = level
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    # One connection and one zstd context per thread: neither may be shared across threads.
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._local.db = db
+            self._local.cctx = zstandard.ZstdCompressor(level=self._level)
+            self._local.dctx = zstandard.ZstdDecompressor()
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # --- chunks -----------------------------------------------------------------------------------------
+
+    def put(self, cid: bytes, data: bytes, verify: bool = True) -> bool:
+        """Stores one chunk; returns True if it was new."""
+        return self.put_many([(cid, data)], verify) == 1
+
+    def put_many(self, chunks: Iterable[tuple[bytes, bytes]], verify: bool = True) -> int:
+        """Stores chunks in one transaction (all or none); returns how many were new.
+
+        Every chunk is hashed again on the way in, so a broken source cannot spread corruption.
+        """
+        db = self._db()
+        rows = []
+        for cid, data in chunks:
+            if len(cid) != ID_SIZE:
+                raise ValueError(f"chunk id must be {ID_SIZE} bytes, got {len(cid)}")
+            if verify and chunk_id(data) != cid:
+                raise CorruptChunk(cid)
+            rows.append((cid, len(data), self._local.cctx.compress(data)))
+        if not rows:
+            return 0
+        with _transaction(db):
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO chunks (id, size, data) VALUES (?, ?, ?)", rows)
+            return db.total_changes - before
+
+    def get(self, cid: bytes) -> bytes:
+        """A chunk's bytes, checked against its id; KeyError if absent, CorruptChunk if damaged."""
+        db = self._db()
+        row = db.execute("SELECT size, data FROM chunks WHERE id = ?", (cid,)).fetchone()
+        if row is None:
+            raise KeyError(cid.hex())
+        try:
+            data = self._local.dctx.decompress(row[1], max_output_size=row[0])
+        except zstandard.ZstdError:
+            data = None
+        if data is None or len(data) != row[0] or chunk_id(data) != cid:
+            self.delete([cid])
+            raise CorruptChunk(cid)
+        return data
+
+    def get_compressed(self, cid: bytes) -> tuple[int, bytes]:
+        """(uncompressed size, zstd frame) as stored, unverified: for senders that verify elsewhere."""
+        row = self._db().execute("SELECT size, data FROM chunks WHERE id = ?", (cid,)).fetchone()
+        if row is None:
+            raise KeyError(cid.hex())
+        return row[0], row[1]
+
+    def has(self, cid: bytes) -> bool:
+        return self._db().execute("SELECT 1 FROM chunks WHERE id = ?", (cid,)).fetchone() is not None
+
+    def has_many(self, ids: Iterable[bytes]) -> set[bytes]:
+        """The subset of `ids` present in the store."""
+        db = self._db()
+        found: set[bytes] = set()
+        batch: list[bytes] = []
+
+        def flush() -> None:
+            marks = ",".join("?" * len(batch))
+            found.update(r[0] for r in db.execute(f"SELECT id FROM chunks WHERE id IN ({marks})", batch))
+            batch.clear()
+
+        for cid in ids:
+            batch.append(cid)
+            if len(batch) == _BATCH:
+                flush()
+        if batch:
+            flush()
+        return found
+
+    def ids(self) -> Iterator[bytes]:
+        """Every chunk id in the store."""
+        for (cid,) in self._db().execute("SELECT id FROM chunks"):
+            yield cid
+
+    def count(self) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def delete(self, ids: Iterable[bytes]) -> int:
+        db = self._db()
+        deleted = 0
+        ids = list(ids)
+        with _transaction(db):
+            for i in range(0, len(ids), _BATCH):
+                batch = ids[i:i + _BATCH]
+                cur = db.execute(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
+                deleted += cur.rowcount
+        return deleted
+
+    def verify(self, repair: bool = True) -> list[bytes]:
+        """Reads every chunk back and checks it against its id; returns the bad ids (removed if `repair`)."""
+        bad = []
+        dctx = zstandard.ZstdDecompressor()
+        for cid, size, data in self._db().execute("SELECT id, size, data FROM chunks"):
+            try:
+                raw = dctx.decompress(data, max_output_size=size)
+            except zstandard.ZstdError:
+                raw = None
+            if raw is None or len(raw) != size or chunk_id(raw) != cid:
+                bad.append(cid)
+        if repair and bad:
+            self.delete(bad)
+            # Images that needed those chunks are no longer held completely.
+            self._db().execute("UPDATE images SET complete = 0")
+        return bad
+
+    def gc(self, keep: set[bytes]) -> int:
+        """Deletes every chunk whose id is not in `keep`; returns how many were deleted."""
+        doomed = [cid for cid in self.ids() if cid not in keep]
+        return self.delete(doomed)
+
+    def stats(self) -> StoreStats:
+        db = self._db()
+        chunks, stored, raw = db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0), COALESCE(SUM(size), 0) FROM chunks").fetchone()
+        images = db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+        return StoreStats(chunks, stored, raw, images)
+
+    # --- images -----------------------------------------------------------------------------------------
+
+    def put_image(self, repository: str, manifest_digest: str, index_data: bytes,
+                  manifest: bytes | None = None, config: bytes | None = None, complete: bool = False) -> None:
+        with _transaction(self._db()) as db:
+            db.execute("INSERT OR REPLACE INTO images (repository, manifest_digest, manifest, config, index_data,"
+                       " complete, added) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (repository, manifest_digest, manifest, config, index_data, int(complete), time.time()))
+
+    def get_image(self, repository: str, manifest_digest: str) -> ImageRecord | None:
+        row = self._db().execute("SELECT * FROM images WHERE repository = ? AND manifest_digest = ?",
+                                 (repository, manifest_digest)).fetchone()
+        return ImageRecord(*row[:5], bool(row[5]), row[6]) if row else None
+
+    def find_image(self, manifest_digest: str) -> ImageRecord | None:
+        """An image record by manifest digest, in any repository."""
+        row = self._db().execute("SELECT * FROM images WHERE manifest_digest = ? LIMIT 1",
+                                 (manifest_digest,)).fetchone()
+        return ImageRecord(*row[:5], bool(row[5]), row[6]) if row else None
+
+    def images(self, repository: str | None = None, complete_only: bool = False) -> list[ImageRecord]:
+        """Image records, newest first."""
+        sql = "SELECT * FROM images WHERE 1=1"
+        args: list = []
+        if repository is not None:
+            sql += " AND repository = ?"
+            args.append(repository)
+        if complete_only:
+            sql += " AND complete = 1"
+        rows = self._db().execute(sql + " ORDER BY added DESC", args).fetchall()
+        return [ImageRecord(*r[:5], bool(r[5]), r[6]) for r in rows]
+
+    def delete_image(self, repository: str, manifest_digest: str) -> None:
+        with _transaction(self._db()) as db:
+            db.execute("DELETE FROM images WHERE repository = ? AND manifest_digest = ?",
+                       (repository, manifest_digest))
+
+
+class _transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (so a full disk changes nothing)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
