@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import zstandard
 
+from .compression import DecompressionError, decompress_exact
 from .index import ID_SIZE, chunk_id
 
 _SCHEMA = """
@@ -134,10 +135,10 @@ class LocalStore:
         if row is None:
             raise KeyError(cid.hex())
         try:
-            data = self._local.dctx.decompress(row[1], max_output_size=row[0])
-        except zstandard.ZstdError:
+            data = decompress_exact(self._local.dctx, row[1], row[0])
+        except DecompressionError:
             data = None
-        if data is None or len(data) != row[0] or chunk_id(data) != cid:
+        if data is None or chunk_id(data) != cid:
             self.delete([cid])
             raise CorruptChunk(cid)
         return data
@@ -196,10 +197,10 @@ class LocalStore:
         dctx = zstandard.ZstdDecompressor()
         for cid, size, data in self._db().execute("SELECT id, size, data FROM chunks"):
             try:
-                raw = dctx.decompress(data, max_output_size=size)
-            except zstandard.ZstdError:
+                raw = decompress_exact(dctx, data, size)
+            except DecompressionError:
                 raw = None
-            if raw is None or len(raw) != size or chunk_id(raw) != cid:
+            if raw is None or chunk_id(raw) != cid:
                 bad.append(cid)
         if repair and bad:
             self.delete(bad)

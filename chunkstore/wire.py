@@ -1,0 +1,254 @@
+"""The sync protocol's messages and frames (docs/PROTOCOL.md), shared by server and client: encoding,
+and strict decoding with clear errors and bounded memory."""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterable, Iterator
+
+import msgpack
+import zstandard
+
+from . import oci
+from .bloom import BloomFilter, BloomFormatError
+from .compression import DecompressionError, decompress_exact
+from .index import ID_SIZE
+
+PROTOCOL_VERSION = 1
+SYNC_MEDIA_TYPE = "application/vnd.chunksync.sync.v1+msgpack"
+CHUNKS_MEDIA_TYPE = "application/vnd.chunksync.chunks.v1+msgpack"
+FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
+
+FRAME_VERSION = 1
+FRAME_HEADER = 1   # manifest, config, chunk index
+FRAME_CHUNKS = 2   # whole chunks, zstd-compressed together
+FRAME_DELTA = 3    # reserved: chunks encoded against chunks the device holds (not sent by v1 servers)
+FRAME_ERROR = 14   # the server failed mid-stream; what arrived before stays valid
+FRAME_END = 15     # the stream is complete
+KNOWN_FRAMES = {FRAME_HEADER, FRAME_CHUNKS, FRAME_ERROR, FRAME_END}
+
+_PREFIX = struct.Struct(">BBI")  # version, type, payload length
+MAX_FRAME_PAYLOAD = 300 << 20     # a header frame carries the index: allow big images, refuse absurd lengths
+MAX_CHUNKS_FRAME_BYTES = 8 << 20  # uncompressed bytes one CHUNKS frame may expand to (no decompression bombs)
+CHUNKS_FRAME_TARGET = 4 << 20     # what senders aim for
+MAX_REQUEST_BYTES = 72 << 20      # a sync request: the Bloom filter dominates
+MAX_HAVE_IMAGES = 64
+MAX_REPAIR_IDS = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A message or frame that does not follow docs/PROTOCOL.md."""
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+@dataclass
+class SyncRequest:
+    repository: str
+    reference: str                      # tag or manifest digest
+    platform: str = "linux/amd64"
+    have_images: list[tuple[str, str]] = field(default_factory=list)  # (repository, manifest digest)
+    bloom: BloomFilter | None = None
+
+    def encode(self) -> bytes:
+        return msgpack.packb({
+            "v": PROTOCOL_VERSION, "repository": self.repository, "reference": self.reference,
+            "platform": self.platform, "have_images": [list(pair) for pair in self.have_images],
+            "bloom": self.bloom.to_obj() if self.bloom else None,
+        }, use_bin_type=True)
+
+
+@dataclass
+class ChunksRequest:
+    repository: str
+    manifest_digest: str
+    ids: bytes                          # concatenated 32-byte chunk ids
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": PROTOCOL_VERSION, "repository": self.repository,
+                              "manifest_digest": self.manifest_digest, "ids": self.ids}, use_bin_type=True)
+
+
+def _load_map(body: bytes, what: str) -> dict:
+    if len(body) > MAX_REQUEST_BYTES:
+        raise ProtocolError(f"{what} of {len(body)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_REQUEST_BYTES,
+                              max_str_len=1 << 16, max_array_len=MAX_HAVE_IMAGES * 4, max_map_len=64)
+    except Exception as exc:  # msgpack raises many unrelated types on malformed input
+        raise ProtocolError(f"{what} is not valid msgpack: {str(exc)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a msgpack map, got {type(obj).__name__}")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"{what}: protocol version {str(obj.get('v'))[:20]} is not supported "
+                            f"(this server speaks {PROTOCOL_VERSION})")
+    return obj
+
+
+def _str(obj: dict, key: str, what: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what}: {key!r} must be a string")
+    return value
+
+
+def _checked(check, value: str, what: str) -> str:
+    try:
+        return check(value)
+    except oci.InvalidReference as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
+
+
+def decode_sync_request(body: bytes) -> SyncRequest:
+    obj = _load_map(body, "sync request")
+    what = "sync request"
+    platform = obj.get("platform", "linux/amd64")
+    if not isinstance(platform, str) or not 3 <= len(platform) <= 64 or platform.count("/") not in (1, 2):
+        raise ProtocolError(f"{what}: platform must look like os/arch[/variant]")
+    have = obj.get("have_images", [])
+    if not isinstance(have, list):
+        raise ProtocolError(f"{what}: have_images must be a list")
+    if len(have) > MAX_HAVE_IMAGES:
+        raise ProtocolError(f"{what}: have_images lists {len(have)} images, at most {MAX_HAVE_IMAGES} allowed")
+    pairs = []
+    for item in have:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise ProtocolError(f"{what}: each have_images entry must be [repository, digest]")
+        pairs.append((_checked(oci.validate_repository, item[0], what),
+                      _checked(oci.validate_digest, item[1], what)))
+    bloom = obj.get("bloom")
+    try:
+        bloom = BloomFilter.from_obj(bloom) if bloom is not None else None
+    except BloomFormatError as exc:
+        raise ProtocolError(f"{what}: {exc}") from None
+    return SyncRequest(
+        repository=_checked(oci.validate_repository, _str(obj, "repository", what), what),
+        reference=_checked(oci.validate_reference, _str(obj, "reference", what), what),
+        platform=platform, have_images=pairs, bloom=bloom)
+
+
+def decode_chunks_request(body: bytes) -> ChunksRequest:
+    what = "chunks request"
+    obj = _load_map(body, what)
+    ids = obj.get("ids")
+    if not isinstance(ids, bytes) or len(ids) % ID_SIZE or not ids:
+        raise ProtocolError(f"{what}: ids must be a non-empty byte string of 32-byte chunk ids")
+    if len(ids) // ID_SIZE > MAX_REPAIR_IDS:
+        raise ProtocolError(f"{what}: at most {MAX_REPAIR_IDS} ids per request")
+    return ChunksRequest(
+        repository=_checked(oci.validate_repository, _str(obj, "repository", what), what),
+        manifest_digest=_checked(oci.validate_digest, _str(obj, "manifest_digest", what), what),
+        ids=ids)
+
+
+# --- frames ---------------------------------------------------------------------------------------------
+
+def encode_frame(frame_type: int, payload: dict) -> bytes:
+    body = msgpack.packb(payload, use_bin_type=True)
+    return _PREFIX.pack(FRAME_VERSION, frame_type, len(body)) + body
+
+
+def encode_header(manifest_digest: str, manifest: bytes, config: bytes, index: bytes, **extra) -> bytes:
+    return encode_frame(FRAME_HEADER, {"manifest_digest": manifest_digest, "manifest": manifest,
+                                       "config": config, "index": index, **extra})
+
+
+def encode_chunks(chunks: list[tuple[bytes, bytes]], cctx: zstandard.ZstdCompressor) -> bytes:
+    """One CHUNKS frame: ids, lengths (u32 little-endian) and one zstd frame of the concatenated bytes."""
+    raw = b"".join(data for _, data in chunks)
+    return encode_frame(FRAME_CHUNKS, {
+        "ids": b"".join(cid for cid, _ in chunks),
+        "lengths": struct.pack(f"<{len(chunks)}I", *(len(data) for _, data in chunks)),
+        "data": cctx.compress(raw),
+    })
+
+
+def batch_chunks(chunks: Iterable[tuple[bytes, bytes]], cctx: zstandard.ZstdCompressor,
+                 target: int = CHUNKS_FRAME_TARGET) -> Iterator[bytes]:
+    """CHUNKS frames of about `target` uncompressed bytes each."""
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    for cid, data in chunks:
+        if batch and size + len(data) > target:
+            yield encode_chunks(batch, cctx)
+            batch, size = [], 0
+        batch.append((cid, data))
+        size += len(data)
+    if batch:
+        yield encode_chunks(batch, cctx)
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return encode_frame(FRAME_ERROR, {"code": code, "message": message})
+
+
+def encode_end(**counts: int) -> bytes:
+    return encode_frame(FRAME_END, counts)
+
+
+@dataclass
+class Frame:
+    type: int
+    payload: dict
+    wire_size: int  # bytes this frame took on the wire, prefix included
+
+
+def read_frames(stream: BinaryIO) -> Iterator[Frame]:
+    """Frames from a byte stream, validated; ends cleanly only at a frame boundary."""
+    while True:
+        prefix = _read_exact(stream, _PREFIX.size)
+        if not prefix:
+            return
+        if len(prefix) < _PREFIX.size:
+            raise ProtocolError("stream ended inside a frame prefix")
+        version, frame_type, length = _PREFIX.unpack(prefix)
+        if version != FRAME_VERSION:
+            raise ProtocolError(f"frame version {version} is not supported (this reads {FRAME_VERSION})")
+        if frame_type not in KNOWN_FRAMES:
+            raise ProtocolError(f"frame type {frame_type} is not known to this client")
+        if length > MAX_FRAME_PAYLOAD:
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME_PAYLOAD}")
+        body = _read_exact(stream, length)
+        if len(body) < length:
+            raise ProtocolError(f"stream ended inside a frame ({len(body)} of {length} bytes)")
+        try:
+            payload = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME_PAYLOAD)
+        except Exception as exc:
+            raise ProtocolError(f"frame payload is not valid msgpack: {str(exc)[:200]}") from None
+        if not isinstance(payload, dict):
+            raise ProtocolError("frame payload must be a msgpack map")
+        yield Frame(frame_type, payload, _PREFIX.size + length)
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    parts = []
+    while n > 0:
+        data = stream.read(n)
+        if not data:
+            break
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+def decode_chunks(payload: dict, dctx: zstandard.ZstdDecompressor) -> list[tuple[bytes, bytes]]:
+    """(id, bytes) pairs of a CHUNKS frame. Ids are NOT verified here: the store verifies on put."""
+    ids, lengths, data = payload.get("ids"), payload.get("lengths"), payload.get("data")
+    if not (isinstance(ids, bytes) and isinstance(lengths, bytes) and isinstance(data, bytes)):
+        raise ProtocolError("chunks frame needs byte strings ids, lengths, data")
+    if len(ids) % ID_SIZE or len(lengths) != 4 * (len(ids) // ID_SIZE):
+        raise ProtocolError("chunks frame: ids and lengths do not match")
+    sizes = struct.unpack(f"<{len(lengths) // 4}I", lengths)
+    total = sum(sizes)
+    if total > MAX_CHUNKS_FRAME_BYTES:
+        raise ProtocolError(f"chunks frame declares {total} bytes, more than {MAX_CHUNKS_FRAME_BYTES}")
+    try:
+        raw = decompress_exact(dctx, data, total)
+    except DecompressionError as exc:
+        raise ProtocolError(f"chunks frame: {exc}") from None
+    out = []
+    offset = 0
+    for i, size in enumerate(sizes):
+        out.append((ids[i * ID_SIZE:(i + 1) * ID_SIZE], raw[offset:offset + size]))
+        offset += size
+    return out
