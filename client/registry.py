@@ -18,7 +18,6 @@ from typing import Any, BinaryIO
 import httpx
 
 from chunkstore.oci import (
-    DOCKER_MANIFEST_LIST,
     IMAGE_MANIFEST_TYPES,
     INDEX_TYPES,
     MANIFEST_ACCEPT,
@@ -131,6 +130,10 @@ class Manifest:
     index_digest: str | None = None  # the image index this manifest was picked from, if any
 
     @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
 
@@ -230,8 +233,9 @@ class RegistryClient:
             return self._fixed_authorization
         if self._scheme == "basic":
             return self._basic
-        if self._scheme == "bearer" and scope in self._tokens:
-            return "Bearer " + self._tokens[scope]
+        token = self._tokens.get(scope or "") if self._scheme == "bearer" else None
+        if token:
+            return "Bearer " + token
         return None
 
     def _fetch_token(self, params: dict[str, str], scope: str | None) -> None:
@@ -244,7 +248,11 @@ class RegistryClient:
             query["scope"] = wanted
         headers = {"Authorization": self._basic} if self._basic else {}
         # A separate request on purpose: the realm is often another host, so no registry headers or cookies.
-        response = httpx.get(realm, params=query, headers=headers, timeout=self._http.timeout, follow_redirects=True)
+        try:
+            response = httpx.get(realm, params=query, headers=headers, timeout=self._http.timeout,
+                                 follow_redirects=True)
+        except httpx.TransportError as exc:
+            raise RegistryError(f"token service {realm}: {exc!r}") from exc
         if response.status_code in (401, 403):
             raise Unauthorized(f"token service {realm} refused the credentials ({response.status_code})",
                                status=response.status_code)

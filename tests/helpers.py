@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from chunkstore.oci import OCI_INDEX, validate_digest
+from chunkstore.oci import OCI_INDEX, sha256_digest, validate_digest
 from client.registry import RegistryClient
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -226,8 +226,6 @@ def _blob(layout: Path, digest: str) -> Path:
 
 
 def _put_blob(layout: Path, data: bytes) -> dict[str, object]:
-    from chunkstore.oci import sha256_digest
-
     digest = sha256_digest(data)
     _blob(layout, digest).write_bytes(data)
     return {"digest": digest, "size": len(data)}

@@ -372,3 +372,18 @@ def test_connection_errors_are_retried_then_raised() -> None:
     with RegistryClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01) as dead:
         with pytest.raises(RegistryError, match="ConnectError"):
             dead.ping()
+
+
+def test_helpers_build_versions_sharing_layers(registry: Registry, client: RegistryClient, tmp_path: Path) -> None:
+    # v2 = v1 + a layer that adds a directory's files and deletes one of v1's files (a whiteout).
+    v1_files = real_files(80_000)
+    layout = build_image(tmp_path, [v1_files], "v1")
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "new.txt").write_bytes(b"new in v2\n")
+    gone = next(iter(v1_files))
+    build_image(tmp_path, [extra, {gone: None}], "v2", layout=layout, base_tag="v1")
+    v1 = client.get_manifest("test/helpers", push_image(layout, "v1", registry, "test/helpers"))
+    v2 = client.get_manifest("test/helpers", push_image(layout, "v2", registry, "test/helpers"))
+    assert len(v1.layers) == 1 and len(v2.layers) == 3
+    assert v2.layers[0]["digest"] == v1.layers[0]["digest"]
