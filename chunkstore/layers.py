@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zlib
 from typing import BinaryIO
 
 import zstandard
@@ -75,10 +76,33 @@ def open_uncompressed(blob: BinaryIO, media_type: str | None = None) -> tuple[Bi
         raise LayerFormatError(f"layer media type {media_type} says {declared}, but the blob's first bytes say {found}")
     raw = io.BufferedReader(_Prefixed(head, blob), buffer_size=1 << 20)
     if found == GZIP:
-        return igzip.IGzipFile(fileobj=raw, mode="rb"), found
+        return _Decoding(igzip.IGzipFile(fileobj=raw, mode="rb"), found), found
     if found == ZSTD:
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), found
+        return _Decoding(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), found), found
     return raw, found
+
+
+class _Decoding(io.RawIOBase):
+    """A decoder whose failures (corrupt, truncated, trailing garbage) surface as LayerFormatError, not as
+    the OSError/EOFError/ZstdError zoo of the decoding libraries."""
+
+    def __init__(self, decoder: BinaryIO, compression: str):
+        self._decoder = decoder
+        self._compression = compression
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._decoder.read(n)
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
+            raise LayerFormatError(f"layer blob is not valid {self._compression} data: {exc}") from None
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
 
 
 class HashingReader(io.RawIOBase):
