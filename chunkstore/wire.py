@@ -10,7 +10,7 @@ import msgpack
 import zstandard
 
 from . import oci
-from .bloom import BloomFilter, BloomFormatError
+from .bloom import MAX_FILTER_BYTES, BloomFilter, BloomFormatError
 from .compression import DecompressionError, decompress_exact
 from .index import ID_SIZE
 
@@ -38,6 +38,10 @@ MAX_REPAIR_IDS = 1 << 20
 
 class ProtocolError(ValueError):
     """A message or frame that does not follow docs/PROTOCOL.md."""
+
+
+class LimitExceeded(ProtocolError):
+    """A request over one of the protocol's size limits (a server answers 413, not 400)."""
 
 
 # --- requests -------------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ class ChunksRequest:
 
 def _load_map(body: bytes, what: str) -> dict:
     if len(body) > MAX_REQUEST_BYTES:
-        raise ProtocolError(f"{what} of {len(body)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
+        raise LimitExceeded(f"{what} of {len(body)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_REQUEST_BYTES,
                               max_str_len=1 << 16, max_array_len=MAX_HAVE_IMAGES * 4, max_map_len=64)
@@ -109,7 +113,7 @@ def decode_sync_request(body: bytes) -> SyncRequest:
     if not isinstance(have, list):
         raise ProtocolError(f"{what}: have_images must be a list")
     if len(have) > MAX_HAVE_IMAGES:
-        raise ProtocolError(f"{what}: have_images lists {len(have)} images, at most {MAX_HAVE_IMAGES} allowed")
+        raise LimitExceeded(f"{what}: have_images lists {len(have)} images, at most {MAX_HAVE_IMAGES} allowed")
     pairs = []
     for item in have:
         if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
@@ -117,6 +121,9 @@ def decode_sync_request(body: bytes) -> SyncRequest:
         pairs.append((_checked(oci.validate_repository, item[0], what),
                       _checked(oci.validate_digest, item[1], what)))
     bloom = obj.get("bloom")
+    bits = bloom.get("bits") if isinstance(bloom, dict) else None
+    if isinstance(bits, bytes) and len(bits) > MAX_FILTER_BYTES:
+        raise LimitExceeded(f"{what}: bloom filter of {len(bits)} bytes exceeds the limit of {MAX_FILTER_BYTES}")
     try:
         bloom = BloomFilter.from_obj(bloom) if bloom is not None else None
     except BloomFormatError as exc:
@@ -134,7 +141,7 @@ def decode_chunks_request(body: bytes) -> ChunksRequest:
     if not isinstance(ids, bytes) or len(ids) % ID_SIZE or not ids:
         raise ProtocolError(f"{what}: ids must be a non-empty byte string of 32-byte chunk ids")
     if len(ids) // ID_SIZE > MAX_REPAIR_IDS:
-        raise ProtocolError(f"{what}: at most {MAX_REPAIR_IDS} ids per request")
+        raise LimitExceeded(f"{what}: {len(ids) // ID_SIZE} ids, at most {MAX_REPAIR_IDS} per request")
     return ChunksRequest(
         repository=_checked(oci.validate_repository, _str(obj, "repository", what), what),
         manifest_digest=_checked(oci.validate_digest, _str(obj, "manifest_digest", what), what),
