@@ -1,0 +1,141 @@
+"""The server's work behind each endpoint, as blocking methods (run them in a worker thread): access checks,
+tag resolution, index lookup, planning. app.py only moves bytes between HTTP and these."""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from chunkstore.index import ID_SIZE
+from chunkstore.oci import IMAGE_MANIFEST_TYPES
+from chunkstore.store import LocalStore
+from chunkstore.wire import ChunksRequest, SyncRequest, encode_header
+from client.registry import Manifest, Platform, RegistryClient
+
+from .access import AccessChecker
+from .config import ServerConfig
+from .errors import BadRequest, TooLarge, UnknownImage, as_api_error
+from .events import PushedImage, is_artifact
+from .indexer import IndexedImage, Indexer
+from .metrics import Metrics
+from .sync import Plan, plan_chunks, stream_frames
+
+log = logging.getLogger("chunksync.server")
+
+
+class Service:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = LocalStore(config.store_dir)
+        self.registry = RegistryClient(config.registry_url, username=config.registry_user,
+                                       password=config.registry_password)
+        self.access = AccessChecker(config.registry_url, config.auth_ttl)
+        self.indexer = Indexer(self.store, self.registry, self.metrics, push=config.push_indexes)
+        self._background = ThreadPoolExecutor(config.index_workers, thread_name_prefix="chunksync-index")
+
+    def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
+        self.registry.close()
+
+    # --- sync -------------------------------------------------------------------------------------------------
+
+    def prepare_sync(self, request: SyncRequest, authorization: str | None) -> Iterator[bytes]:
+        """Checks, resolves and plans a sync; returns the frames to stream. Errors here become JSON answers."""
+        if request.bloom is not None and len(request.bloom.bits) > self.config.max_bloom_bytes:
+            raise TooLarge(f"bloom filter of {len(request.bloom.bits)} bytes exceeds the limit of "
+                           f"{self.config.max_bloom_bytes}")
+        self.access.check(authorization, request.repository, request.reference)
+        manifest = self.registry.get_manifest(request.repository, request.reference, request.platform)
+        image = self.indexer.get(request.repository, manifest.digest, manifest)
+        have: set[bytes] = set()
+        for repository, digest in request.have_images:
+            if digest == image.manifest_digest and repository == image.repository:
+                continue
+            # Only images the device may pull count: otherwise what gets skipped would reveal what they hold.
+            if not self.access.allowed(authorization, repository, digest):
+                continue
+            other = self.indexer.find(repository, digest)
+            if other is not None:
+                have |= other.ids
+        plan = plan_chunks((cid for cid, _ in image.ordered_chunks()), have, request.bloom)
+        self.indexer.ensure_chunks(image, plan.ids)
+        extra = {"platform": _platform_of(image, request.platform)}
+        if manifest.index_digest:
+            extra["index_digest"] = manifest.index_digest
+        header = encode_header(image.manifest_digest, manifest.data, image.config, image.index_data, **extra)
+        return self._frames(plan, header)
+
+    def prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
+        """The repair round: exactly the asked ids, which must all be chunks of the named image."""
+        image = self._image(request.repository, request.manifest_digest, authorization)
+        asked = {request.ids[i:i + ID_SIZE] for i in range(0, len(request.ids), ID_SIZE)}
+        foreign = len(asked - image.ids)
+        if foreign:
+            raise BadRequest(f"{foreign} of the {len(asked)} ids asked for are not chunks of "
+                             f"{request.repository}@{request.manifest_digest}: ask only for ids of its index")
+        ordered = [cid for cid, _ in image.ordered_chunks() if cid in asked]
+        plan = Plan(ordered, 0)
+        self.indexer.ensure_chunks(image, plan.ids)
+        return self._frames(plan, None)
+
+    def _frames(self, plan: Plan, header: bytes | None) -> Iterator[bytes]:
+        return stream_frames(self.store, plan, self.metrics, header=header, level=self.config.zstd_level,
+                             frame_bytes=self.config.chunks_frame_bytes)
+
+    def chunk(self, repository: str, digest: str, cid: bytes, authorization: str | None,
+              etag_only: bool = False) -> bytes | None:
+        """One chunk of an image by id; None when `etag_only` (the device has it and only the checks ran)."""
+        image = self._image(repository, digest, authorization)
+        if cid not in image.ids:
+            raise UnknownImage(f"chunk {cid.hex()} is not in {repository}@{digest}", code="chunk_not_found")
+        if etag_only:
+            return None
+        self.indexer.ensure_chunks(image, [cid])
+        data = self.store.get(cid)
+        self.metrics.inc("chunksync_chunks_sent_total")
+        self.metrics.inc("chunksync_chunk_bytes_sent_total", len(data))
+        return data
+
+    def _image(self, repository: str, digest: str, authorization: str | None) -> IndexedImage:
+        self.access.check(authorization, repository, digest)
+        return self.indexer.get(repository, digest)
+
+    # --- push notifications ------------------------------------------------------------------------------------
+
+    def schedule(self, pushed: PushedImage) -> None:
+        self._background.submit(self._index_pushed, pushed)
+
+    def _index_pushed(self, pushed: PushedImage) -> None:
+        try:
+            manifest = self.registry.get_raw_manifest(pushed.repository, pushed.digest)
+            for child in self._images_in(pushed.repository, manifest):
+                self.indexer.ensure(pushed.repository, child.digest, child)
+                self.metrics.inc("chunksync_events_total", outcome="indexed")
+        except Exception as exc:  # a background job has no one to answer: log it and count it
+            log.warning("indexing pushed %s@%s failed: %s", pushed.repository, pushed.digest,
+                        as_api_error(exc).message)
+            self.metrics.inc("chunksync_events_total", outcome="failed")
+
+    def _images_in(self, repository: str, manifest: Manifest) -> Iterator[Manifest]:
+        """The runnable image manifests a pushed manifest or index stands for (artifacts, ours included, skipped)."""
+        if manifest.media_type in IMAGE_MANIFEST_TYPES:
+            if is_artifact(manifest.json):
+                self.metrics.inc("chunksync_events_total", outcome="ignored")
+            else:
+                yield manifest
+            return
+        for entry in manifest.json.get("manifests") or []:
+            platform = Platform.from_descriptor(entry)
+            if entry.get("artifactType") or platform is None or platform.os == "unknown":
+                continue  # attestations and our referrers tag entries
+            yield from self._images_in(repository, self.registry.get_raw_manifest(repository, entry["digest"]))
+
+
+def _platform_of(image: IndexedImage, asked: str) -> str:
+    try:
+        config = json.loads(image.config)
+        return str(Platform(config["os"], config["architecture"], config.get("variant") or None))
+    except (ValueError, KeyError, TypeError):
+        return asked

@@ -1,0 +1,86 @@
+"""Run the real chunksync server as a subprocess, for end-to-end tests.
+
+    from server_process import ServerProcess
+    with ServerProcess(registry.url, store=tmp_path / "store") as server:
+        httpx.post(f"{server.url}/v1/sync", content=request.encode())
+
+`ServerProcess(registry_url, store=DIR, port=None, user=None, password=None, extra_args=())` runs
+`.venv/bin/chunksync serve --registry URL --listen 127.0.0.1:PORT --store DIR ...` on a free port (or `port`,
+e.g. one a registry's notifications already point at) and returns once GET /healthz answers.
+`.url` is `http://127.0.0.1:PORT`; `.metrics()` parses GET /metrics into {'name{labels}': value};
+`.stop()` ends it with SIGTERM (graceful), `.kill()` with SIGKILL; the server's output is in `.log_path`.
+Leaving the `with` block stops it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from collections.abc import Sequence
+
+import httpx
+
+from helpers import free_port
+
+CHUNKSYNC = Path(sys.executable).with_name("chunksync")
+
+
+class ServerProcess:
+    def __init__(self, registry_url: str, *, store: Path, port: int | None = None, user: str | None = None,
+                 password: str | None = None, extra_args: Sequence[str] = (), timeout: float = 20.0) -> None:
+        self.store = Path(store)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.store.parent / f"server-{self.port}.log"
+        args = [str(CHUNKSYNC), "serve", "--registry", registry_url, "--listen", f"127.0.0.1:{self.port}",
+                "--store", str(self.store), *extra_args]
+        env = dict(os.environ)
+        if user is not None:
+            env["CHUNKSYNC_REGISTRY_USER"] = user
+            env["CHUNKSYNC_REGISTRY_PASSWORD"] = password or ""
+        self.store.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._wait_healthy(timeout)
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"chunksync serve did not come up on {self.url}:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[str, float]:
+        from server.metrics import parse_metrics
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
