@@ -1,0 +1,56 @@
+"""The have-set a device sends: images it holds completely (exact) plus a Bloom filter over its other chunk ids."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from chunkstore.bloom import BloomFilter
+from chunkstore.index import ID_SIZE, IndexFormatError, decode_index
+from chunkstore.store import LocalStore
+from chunkstore.wire import MAX_HAVE_IMAGES
+
+
+@dataclass
+class HaveSet:
+    images: list[tuple[str, str]]  # (repository, manifest digest), at most MAX_HAVE_IMAGES
+    bloom: BloomFilter | None
+    bloom_ids: int                 # how many chunk ids the filter holds
+
+    @property
+    def bloom_bytes(self) -> int:
+        return len(self.bloom.bits) if self.bloom else 0
+
+
+def _keys(ids: bytes) -> np.ndarray:
+    # The first 8 bytes of a BLAKE3 id as the set key: two ids sharing them would only mean one chunk left
+    # out of the filter, i.e. sent again, never a chunk wrongly assumed present.
+    return np.frombuffer(ids, dtype="<u8").reshape(-1, ID_SIZE // 8)[:, 0]
+
+
+def build_have_set(store: LocalStore, repository: str, fp_rate: float = 0.01) -> HaveSet:
+    """Complete images of the store, same repository first then newest, and a filter over the ids they miss."""
+    records = store.images(complete_only=True)
+    records.sort(key=lambda r: r.repository != repository)  # stable: newest first within each group
+    named: list[tuple[str, str]] = []
+    covered: list[bytes] = []
+    for record in records:
+        if len(named) == MAX_HAVE_IMAGES:
+            break
+        try:
+            index = decode_index(record.index_data)
+        except IndexFormatError:
+            continue  # a damaged record: its chunks still go into the filter below
+        if (record.repository, record.manifest_digest) in named:
+            continue
+        named.append((record.repository, record.manifest_digest))
+        covered.extend(cid for layer in index.layers for cid, _ in layer.all_chunks())
+    all_ids = b"".join(store.ids())
+    if not all_ids:
+        return HaveSet(named, None, 0)
+    others = np.frombuffer(all_ids, dtype=np.uint8).reshape(-1, ID_SIZE)
+    if covered:
+        others = others[~np.isin(_keys(all_ids), _keys(b"".join(covered)))]
+    if len(others) == 0:
+        return HaveSet(named, None, 0)
+    return HaveSet(named, BloomFilter.build(others.tobytes(), fp_rate), len(others))
