@@ -10,19 +10,26 @@ e.g. one a registry's notifications already point at) and returns once GET /heal
 `.url` is `http://127.0.0.1:PORT`; `.metrics()` parses GET /metrics into {'name{labels}': value};
 `.stop()` ends it with SIGTERM (graceful), `.kill()` with SIGKILL; the server's output is in `.log_path`.
 Leaving the `with` block stops it.
+
+`post(server.url, "/v1/sync", body, authorization)` sends a request; `Answer(response)` decodes a frame stream
+into `.header`, `.chunks` [(id, bytes)], `.ids`, `.end`, `.error`, `.wire_bytes`.
 """
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 import httpx
+import zstandard
 
+from chunkstore.wire import FRAME_CHUNKS, FRAME_END, FRAME_ERROR, FRAME_HEADER, decode_chunks, read_frames
 from helpers import free_port
+from server.metrics import parse_metrics
 
 CHUNKSYNC = Path(sys.executable).with_name("chunksync")
 
@@ -63,7 +70,6 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> dict[str, float]:
-        from server.metrics import parse_metrics
         return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
     def stop(self) -> None:
@@ -84,3 +90,39 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- talking to it ------------------------------------------------------------------------------------------------
+
+
+class Answer:
+    """A frame-stream answer, decoded: `header` (payload dict or None), `chunks` [(id, bytes)] in arrival order,
+    `end` (counts or None), `error` (payload or None), `wire_bytes` (body size)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.wire_bytes = len(response.content)
+        self.header: dict | None = None
+        self.chunks: list[tuple[bytes, bytes]] = []
+        self.end: dict | None = None
+        self.error: dict | None = None
+        dctx = zstandard.ZstdDecompressor()
+        for frame in read_frames(io.BytesIO(response.content)):
+            if frame.type == FRAME_HEADER:
+                self.header = frame.payload
+            elif frame.type == FRAME_CHUNKS:
+                self.chunks.extend(decode_chunks(frame.payload, dctx))
+            elif frame.type == FRAME_END:
+                self.end = frame.payload
+            elif frame.type == FRAME_ERROR:
+                self.error = frame.payload
+
+    @property
+    def ids(self) -> list[bytes]:
+        return [cid for cid, _ in self.chunks]
+
+
+def post(url: str, path: str, body: bytes, authorization: str | None = None, timeout: float = 60) -> httpx.Response:
+    """POST a protocol request (SyncRequest(...).encode(), ChunksRequest(...).encode()) to the server."""
+    headers = {"Authorization": authorization} if authorization else {}
+    return httpx.post(url + path, content=body, headers=headers, timeout=timeout)
