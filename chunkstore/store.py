@@ -10,6 +10,7 @@ Storage is one SQLite database in WAL mode, chosen over one-file-per-chunk becau
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -42,14 +43,24 @@ CREATE TABLE IF NOT EXISTS images (
 _BATCH = 500
 
 
+def default_store_path() -> Path:
+    """Where the store lives unless told: $CHUNKSYNC_STORE, else $XDG_DATA_HOME/chunksync, else
+    ~/.local/share/chunksync (the XDG default), so the CLI and the client agree."""
+    if os.environ.get("CHUNKSYNC_STORE"):
+        return Path(os.environ["CHUNKSYNC_STORE"])
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]) / "chunksync"
+    return Path.home() / ".local" / "share" / "chunksync"
+
+
 class StoreError(Exception):
     pass
 
 
 class CorruptChunk(StoreError):
-    def __init__(self, cid: bytes):
-        super().__init__(f"chunk {cid.hex()} in the store is corrupt (its bytes do not match its id); "
-                         "it was removed, fetch it again")
+    def __init__(self, cid: bytes, why: str = "in the store is corrupt (its bytes do not match its id); "
+                                              "it was removed, fetch it again"):
+        super().__init__(f"chunk {cid.hex()} {why}")
         self.chunk_id = cid
 
 
@@ -119,11 +130,11 @@ class LocalStore:
             if len(cid) != ID_SIZE:
                 raise ValueError(f"chunk id must be {ID_SIZE} bytes, got {len(cid)}")
             if verify and chunk_id(data) != cid:
-                raise CorruptChunk(cid)
+                raise CorruptChunk(cid, "was not stored: its bytes do not hash to its id")
             rows.append((cid, len(data), self._local.cctx.compress(data)))
         if not rows:
             return 0
-        with _transaction(db):
+        with _transaction(db, self.path):
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO chunks (id, size, data) VALUES (?, ?, ?)", rows)
             return db.total_changes - before
@@ -184,7 +195,7 @@ class LocalStore:
         db = self._db()
         deleted = 0
         ids = list(ids)
-        with _transaction(db):
+        with _transaction(db, self.path):
             for i in range(0, len(ids), _BATCH):
                 batch = ids[i:i + _BATCH]
                 cur = db.execute(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(batch))})", batch)
@@ -224,7 +235,7 @@ class LocalStore:
 
     def put_image(self, repository: str, manifest_digest: str, index_data: bytes,
                   manifest: bytes | None = None, config: bytes | None = None, complete: bool = False) -> None:
-        with _transaction(self._db()) as db:
+        with _transaction(self._db(), self.path) as db:
             db.execute("INSERT OR REPLACE INTO images (repository, manifest_digest, manifest, config, index_data,"
                        " complete, added) VALUES (?, ?, ?, ?, ?, ?, ?)",
                        (repository, manifest_digest, manifest, config, index_data, int(complete), time.time()))
@@ -253,23 +264,47 @@ class LocalStore:
         return [ImageRecord(*r[:5], bool(r[5]), r[6]) for r in rows]
 
     def delete_image(self, repository: str, manifest_digest: str) -> None:
-        with _transaction(self._db()) as db:
+        with _transaction(self._db(), self.path) as db:
             db.execute("DELETE FROM images WHERE repository = ? AND manifest_digest = ?",
                        (repository, manifest_digest))
 
 
 class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (so a full disk changes nothing)."""
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (so a full disk changes nothing); SQLite's
+    errors become a StoreError that says what to do."""
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, where: Path):
         self.db = db
+        self.where = where
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(_explain(exc, self.where)) from exc
         return self.db
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as commit_exc:
+                exc = commit_exc
+        # SQLite rolls some failures (e.g. SQLITE_FULL) back by itself; a second ROLLBACK would raise
+        # "no transaction is active" and hide the real error.
+        if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.OperationalError):
+            raise StoreError(_explain(exc, self.where)) from exc
+
+
+def _explain(exc: sqlite3.OperationalError, where: Path) -> str:
+    text = str(exc)
+    if "full" in text:
+        # Not `store gc`: in WAL mode even a delete needs free space to be written.
+        return (f"the store at {where} is out of disk space ({text}); nothing of this write was kept. "
+                "Free space on that disk, or use a store on a bigger one (--store DIR or $CHUNKSYNC_STORE)")
+    if "locked" in text or "busy" in text:
+        return f"the store at {where} stayed locked by another process ({text}); try again when it is done"
+    return f"the store at {where} failed: {text}"
