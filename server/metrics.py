@@ -16,7 +16,7 @@ _HELP = {
     "chunksync_indexed_bytes_total": ("counter", "uncompressed layer bytes chunked while indexing"),
     "chunksync_indexes_found_total": ("counter", "indexes found instead of computed, by where"),
     "chunksync_layers_rechunked_total": ("counter", "layers chunked again to refill the store for a found index"),
-    "chunksync_events_total": ("counter", "registry notification events, by what was done with them"),
+    "chunksync_events_total": ("counter", "registry notification events by outcome: indexed, ignored (not an image push), artifact (not an image), failed"),
     "chunksync_index_failures_total": ("counter", "indexing attempts that failed"),
 }
 

@@ -122,7 +122,7 @@ class Service:
         """The runnable image manifests a pushed manifest or index stands for (artifacts, ours included, skipped)."""
         if manifest.media_type in IMAGE_MANIFEST_TYPES:
             if is_artifact(manifest.json):
-                self.metrics.inc("chunksync_events_total", outcome="ignored")
+                self.metrics.inc("chunksync_events_total", outcome="artifact")
             else:
                 yield manifest
             return

@@ -12,7 +12,8 @@ e.g. one a registry's notifications already point at) and returns once GET /heal
 Leaving the `with` block stops it.
 
 `post(server.url, "/v1/sync", body, authorization)` sends a request; `Answer(response)` decodes a frame stream
-into `.header`, `.chunks` [(id, bytes)], `.ids`, `.end`, `.error`, `.wire_bytes`.
+into `.header`, `.chunks` [(id, bytes)], `.ids`, `.end`, `.error`, `.wire_bytes`; `assert_error(response, 404,
+"words")` checks a JSON error answer and returns its {"code", "message"}.
 """
 from __future__ import annotations
 
@@ -126,3 +127,13 @@ def post(url: str, path: str, body: bytes, authorization: str | None = None, tim
     """POST a protocol request (SyncRequest(...).encode(), ChunksRequest(...).encode()) to the server."""
     headers = {"Authorization": authorization} if authorization else {}
     return httpx.post(url + path, content=body, headers=headers, timeout=timeout)
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] and error["message"]
+    for word in words:
+        assert word in error["message"], error["message"]
+    return error

@@ -15,7 +15,7 @@ from chunkstore.bloom import BloomFilter
 from chunkstore.index import ImageIndex, chunk_id, decode_index
 from chunkstore.wire import ChunksRequest, SyncRequest
 from helpers import Registry, build_image, push_image, real_files
-from server_process import Answer, ServerProcess, post
+from server_process import Answer, ServerProcess, assert_error, post
 
 REPO = "server/app"
 
@@ -70,16 +70,6 @@ def in_order(index: ImageIndex) -> list[bytes]:
                 seen.add(cid)
                 out.append(cid)
     return out
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] and error["message"]
-    for word in words:
-        assert word in error["message"], error["message"]
-    return error
 
 
 # --- sync ----------------------------------------------------------------------------------------------------------
