@@ -1,7 +1,8 @@
 """Measures the baseline delta tools (full gzip pull, bsdiff, xdelta3, zstd --patch-from, rsync batch, casync) on
 every layer of every corpus pair. `python -m bench.baselines [--slow] [--only PAIR] [--cache DIR]` prints markdown.
 
-Layer N of `new` is diffed against layer N of `old` (an empty file when `old` has fewer layers); a layer whose
+Layer N of `new` is diffed against layer N of `old` (an empty tar, 10240 zero bytes as GNU tar writes it, when
+`old` has fewer layers: bsdiff cannot mmap an empty file); a layer whose
 diff_id is unchanged costs 0 bytes for every tool, as registries dedup whole layers. Each measurement is one dict
 (see `Row`) cached in `<cache>/baselines/<key>.json`, keyed by tool, its parameters and the input files' sizes and
 mtimes, so a re-run (or the full bench) only measures what changed. Tools run one at a time so CPU numbers and
@@ -191,6 +192,9 @@ def measure(tool: str, pair: str, layer: int, old: Path, new: Path, cache: Path,
     t0 = time.monotonic()
     try:
         row = {**base, **MEASURE[tool](old, new, work, cache)}
+    except Exception as e:  # one broken tool must not cost the other measurements; failures are not cached
+        log(f"  -> FAILED: {e}")
+        return {**base, "bytes": None, "verified": False, "note": f"failed: {str(e)[:200]}"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"  -> {row['bytes'] / 1e6:.3f} MB, verified={row['verified']}, {time.monotonic() - t0:.1f}s")
@@ -204,8 +208,11 @@ def measure_pair(pair_dir: Path, cache: Path, *, tools=TOOLS, slow: bool = False
     pair_dir = Path(pair_dir)
     olds, news = corpus.pair_layers(pair_dir, "old"), corpus.pair_layers(pair_dir, "new")
     (cache / "baselines").mkdir(parents=True, exist_ok=True)
-    empty = cache / "baselines" / "empty"
-    empty.touch()
+    empty = cache / "baselines" / "empty.tar"
+    if not empty.exists():
+        tmp = empty.with_name(f".empty.tar.tmp-{os.getpid()}")
+        tmp.write_bytes(bytes(10240))
+        os.rename(tmp, empty)
     rows = []
     for i, new in enumerate(news):
         old = olds[i] if i < len(olds) else empty
