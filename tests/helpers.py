@@ -89,8 +89,10 @@ def make_htpasswd(users: Mapping[str, str], path: Path) -> Path:
 
 
 def start_registry(workdir: Path, *, notify_url: str | None = None, users: Mapping[str, str] | None = None,
-                   timeout: float = 10.0) -> Registry:
+                   auth: Mapping[str, object] | None = None, timeout: float = 10.0) -> Registry:
     """Start a registry with storage in `workdir`/data; optional push notifications and htpasswd users.
+
+    `auth` is a raw `auth:` section of the registry config (e.g. `{"token": {...}}`), used instead of `users`.
 
     `delete` is enabled. Returns once `/v2/` answers; call `.stop()` when done.
     """
@@ -101,7 +103,9 @@ def start_registry(workdir: Path, *, notify_url: str | None = None, users: Mappi
         "log": {"level": "error", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(root)}, "delete": {"enabled": True}},
     }
-    if users:
+    if auth:
+        config["auth"] = dict(auth)
+    elif users:
         config["auth"] = {"htpasswd": {"realm": "test", "path": str(make_htpasswd(users, workdir / "htpasswd"))}}
     if notify_url:
         config["notifications"] = {"endpoints": [
