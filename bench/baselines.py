@@ -1,13 +1,6 @@
 """Measures the baseline delta tools (full gzip pull, bsdiff, xdelta3, zstd --patch-from, rsync batch, casync) on
-every layer of every corpus pair. `python -m bench.baselines [--slow] [--only PAIR] [--cache DIR]` prints markdown.
+every layer of every corpus pair. `python -m bench.baselines [--slow] [--only PAIR] [--cache DIR]` prints markdown."""
 
-Layer N of `new` is diffed against layer N of `old` (an empty tar, 10240 zero bytes as GNU tar writes it, when
-`old` has fewer layers: bsdiff cannot mmap an empty file); a layer whose
-diff_id is unchanged costs 0 bytes for every tool, as registries dedup whole layers. Each measurement is one dict
-(see `Row`) cached in `<cache>/baselines/<key>.json`, keyed by tool, its parameters and the input files' sizes and
-mtimes, so a re-run (or the full bench) only measures what changed. Tools run one at a time so CPU numbers and
-peak RSS (GNU time) are not disturbed by each other.
-"""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +15,13 @@ import time
 from pathlib import Path
 
 from bench import corpus, images
+
+# Layer N of `new` is diffed against layer N of `old` (an empty tar, 10240 zero bytes as GNU tar writes it, when
+# `old` has fewer layers: bsdiff cannot mmap an empty file); a layer whose diff_id is unchanged costs 0 bytes for
+# every tool, as registries dedup whole layers. Each measurement is one dict (a row, fields below) cached in
+# `<cache>/baselines/<key>.json`, keyed by tool, its parameters and the input files' sizes and
+# mtimes, so a re-run (or the full bench) only measures what changed. Tools run one at a time so CPU numbers and
+# peak RSS (GNU time) are not disturbed by each other.
 
 TOOLS = ("full", "bsdiff", "xdelta3", "zstd-19", "zstd-3", "rsync", "casync")
 BSDIFF_CAP_MB = 64  # bsdiff needs ~17x its input in RAM and minutes per 100 MB
@@ -277,7 +277,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.baselines", description=__doc__)
     ap.add_argument("--only", action="append", metavar="PAIR", help="only this pair (repeatable)")
     ap.add_argument("--slow", action="store_true", help="run bsdiff on layers over the size cap too")
     ap.add_argument("--bsdiff-cap-mb", type=float, default=BSDIFF_CAP_MB, help="bsdiff size cap (default %(default)s)")

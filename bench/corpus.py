@@ -1,21 +1,6 @@
-"""Builds the bench corpus: pairs of real image versions (old, new) as uncompressed layer tars, cached outside the repo.
+"""Builds the bench corpus: pairs of real image versions (old, new) as uncompressed layer tars,
+cached outside the repo with a recipe of how each was made."""
 
-`python -m bench.corpus [--only NAME] [--cache DIR] [--list]`; see `pairs.json` in the cache for what was built.
-
-Cache layout (default ~/.cache/chunksync-bench, env CHUNKSYNC_BENCH_CACHE):
-    trees/<name>/            root file trees the tars are made from (debian-old, debian-new, python-old, ...)
-    trees/<name>.json        how each tree was made (commands, versions, date)
-    pairs/<pair>/old/layers/N.tar, pairs/<pair>/new/layers/N.tar   layer N of each version, bottom layer first
-    pairs/<pair>/recipe.json how the pair was made (commands, package versions, dates, sizes, sha256 = diff_ids)
-    pairs.json               manifest: every built pair with a short description and its layer files
-Every step builds into a temp name next to its target and renames it into place, so a re-run skips what exists
-and an interrupted run leaves no half-built result behind.
-
-Layer tars are GNU tar, `--format=gnu --numeric-owner`, member names without a leading "./", made from a file list
-that this module writes: depth-first, parents before children, siblings in byte order (exactly the order GNU tar
-`--sort=name` produces), fed with `--no-recursion --null -T`. The contents of dev/, proc/ and sys/ are left out,
-as in real base images. Only the `-reorder` pair changes that order.
-"""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +15,25 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+# `python -m bench.corpus [--only NAME] [--cache DIR] [--list]`; see `pairs.json` in the cache for what was built.
+#
+# Cache layout (default ~/.cache/chunksync-bench, env CHUNKSYNC_BENCH_CACHE):
+#     trees/<name>/            root file trees the tars are made from (debian-old, debian-new, python-old, ...)
+#     trees/<name>.json        how each tree was made (commands, versions, date)
+#     tars/<layer-key>.tar     each distinct layer tar once (+ .json: command, bytes, diff_id); pairs hard-link them
+#     pairs/<pair>/old/layers/N.tar, pairs/<pair>/new/layers/N.tar   layer N of each version, bottom layer first
+#     pairs/<pair>/recipe.json how the pair was made (commands, package versions, dates, sizes, sha256 = diff_ids)
+#     pairs.json               manifest: every built pair with a short description and its layer files
+#     gz/, oci/<pair>/         gzip -6 -n layer blobs and OCI layouts (bench.images)
+#     baselines/<key>.json     one measured row of a baseline delta tool (bench.baselines)
+# Every step builds into a temp name next to its target and renames it into place, so a re-run skips what exists
+# and an interrupted run leaves no half-built result behind.
+#
+# Layer tars are GNU tar, `--format=gnu --numeric-owner`, member names without a leading "./", made from a file list
+# that this module writes: depth-first, parents before children, siblings in byte order (exactly the order GNU tar
+# `--sort=name` produces), fed with `--no-recursion --null -T`. The contents of dev/, proc/ and sys/ are left out,
+# as in real base images. Only the `-reorder` pair changes that order.
 
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
@@ -428,8 +432,8 @@ def write_manifest(cache: Path) -> Path:
             continue
         r = json.loads(rp.read_text())
         pairs.append({"name": name, "description": r["description"], "dir": f"pairs/{name}",
-                      "old": [{"file": l["file"], "bytes": l["bytes"], "diff_id": l["diff_id"]} for l in r["layers"]["old"]],
-                      "new": [{"file": l["file"], "bytes": l["bytes"], "diff_id": l["diff_id"]} for l in r["layers"]["new"]]})
+                      **{side: [{"file": l["file"], "bytes": l["bytes"], "diff_id": l["diff_id"]}
+                                for l in r["layers"][side]] for side in ("old", "new")}})
     out = cache / "pairs.json"
     write_json(out, {"convention": CONVENTION, "updated": utcnow(), "pairs": pairs})
     return out
@@ -452,8 +456,9 @@ def build(cache: Path, only: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.splitlines()[0])
-    ap.add_argument("--only", action="append", metavar="NAME", help=f"build only this pair (repeatable): {', '.join(PAIRS)}")
+    ap = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__)
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help=f"build only this pair (repeatable): {', '.join(PAIRS)}")
     ap.add_argument("--cache", help="cache dir (default $CHUNKSYNC_BENCH_CACHE or ~/.cache/chunksync-bench)")
     ap.add_argument("--list", action="store_true", help="print the pairs and exit")
     a = ap.parse_args(argv)

@@ -1,13 +1,5 @@
-"""Turns a bench pair into two real OCI images (tags `old`, `new`) in an OCI layout, and pushes them with skopeo.
+"""Turns a bench pair into two real OCI images (tags `old`, `new`) in an OCI layout, and pushes them with skopeo."""
 
-`python -m bench.images PAIR [--push HOST[/REPO]] [--cache DIR]`
-
-The layout is written here, not by umoci, for full control: each layer tar is compressed with GNU `gzip -6 -n`
-(no name, no mtime: the same tar always gives the same blob), so the pushed layer size equals the bench's
-"full pull (gzip -6)" number by construction. Compressed blobs are cached once per diff_id in `<cache>/gz/` and
-hard-linked into layouts at `<cache>/oci/<pair>/`. Config `created` dates come from the pair's recipe, so image
-digests are stable across rebuilds of the layout.
-"""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +12,14 @@ import time
 from pathlib import Path
 
 from bench import corpus
+
+# `python -m bench.images PAIR [--push HOST[/REPO]] [--cache DIR]`
+#
+# The layout is written here, not by umoci, for full control: each layer tar is compressed with GNU `gzip -6 -n`
+# (no name, no mtime: the same tar always gives the same blob), so the pushed layer size equals the bench's
+# "full pull (gzip -6)" number by construction. Compressed blobs are cached once per diff_id in `<cache>/gz/` and
+# hard-linked into layouts at `<cache>/oci/<pair>/`. Config `created` dates come from the pair's recipe, so image
+# digests are stable across rebuilds of the layout.
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -149,7 +149,7 @@ def build_oci_images(pair_dir: Path, registry_host: str, repo: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.images", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.images", description=__doc__)
     ap.add_argument("pair", help="pair name (see pairs.json)")
     ap.add_argument("--push", metavar="HOST[/REPO]", help="push old and new to this registry (plain HTTP)")
     ap.add_argument("--cache", help="cache dir (default $CHUNKSYNC_BENCH_CACHE or ~/.cache/chunksync-bench)")
