@@ -28,9 +28,13 @@ def _keys(ids: bytes) -> np.ndarray:
     return np.frombuffer(ids, dtype="<u8").reshape(-1, ID_SIZE // 8)[:, 0]
 
 
-def build_have_set(store: LocalStore, repository: str, fp_rate: float = 0.01) -> HaveSet:
-    """Complete images of the store, same repository first then newest, and a filter over the ids they miss."""
-    records = store.images(complete_only=True)
+def build_have_set(store: LocalStore, repository: str, fp_rate: float = 0.01, target: str | None = None) -> HaveSet:
+    """Complete images of the store, same repository first then newest, and a filter over the ids they miss.
+
+    The `target` image itself is never named (a server may ignore it there, as the one being pulled); its
+    chunks the store holds then go into the filter like any other.
+    """
+    records = [r for r in store.images(complete_only=True) if r.manifest_digest != target]
     records.sort(key=lambda r: r.repository != repository)  # stable: newest first within each group
     named: list[tuple[str, str]] = []
     covered: list[bytes] = []

@@ -64,7 +64,7 @@ class PullReport:
     image: str
     manifest_digest: str = ""
     config_digest: str = ""
-    path: str = "diff"                 # diff | repair | fallback
+    path: str = "diff"                 # diff | repair | fallback | local (the store had the whole image)
     bytes_received: int = 0            # all peers, HTTP lines + headers + bodies (client/traffic.py)
     bytes_sent: int = 0
     full_pull_bytes: int = 0           # sum of the manifest's compressed layer sizes
@@ -140,7 +140,7 @@ class Pull:
         try:
             expected = self._resolve()
             try:
-                image, index = self._diff(expected)
+                image, index = self._from_store(expected) or self._diff(expected)
             except SERVER_FAILURES as exc:
                 if expected is None:
                     raise PullError(f"the server failed ({exc}) and the registry is unreachable, so there is "
@@ -180,9 +180,24 @@ class Pull:
 
     # --- diff pull -------------------------------------------------------------------------------------------
 
+    def _from_store(self, expected: Manifest | None) -> tuple[Image, ImageIndex] | None:
+        """The image itself, when the store already holds it completely: no server needed (path "local")."""
+        record = self.store.get_image(self.ref.repository, expected.digest) if expected else None
+        if record is None or not record.complete or record.manifest is None or record.config is None:
+            return None
+        try:
+            image = verify_image(self.ref.repository, record.manifest_digest, record.manifest, record.config)
+            index = decode_index(record.index_data)
+            verify_index(image, index)
+        except (VerificationError, IndexFormatError) as exc:
+            self.warn(f"the store's record of {self.ref} is damaged ({exc}); asking the server")
+            return None
+        self.report.path, self.report.config_digest = "local", image.config_digest
+        return image, index
+
     def _diff(self, expected: Manifest | None) -> tuple[Image, ImageIndex]:
         repo = self.ref.repository
-        have = build_have_set(self.store, repo, self.options.fp_rate)
+        have = build_have_set(self.store, repo, self.options.fp_rate, expected.digest if expected else None)
         self.report.have_images, self.report.bloom_bytes = len(have.images), have.bloom_bytes
         # Ask by digest when the registry told us one: the server then cannot answer for another version.
         reference = expected.digest if expected else self.ref.reference

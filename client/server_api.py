@@ -29,11 +29,12 @@ class ServerError(Exception):
         self.code = code
 
 
-class _ResponseReader(io.RawIOBase):
+class ResponseReader(io.RawIOBase):
     """A file object over a streamed response body, for chunkstore.wire.read_frames."""
 
     def __init__(self, response: httpx.Response, where: str) -> None:
-        self._parts = response.iter_bytes(1 << 16)
+        # No chunk size: httpx would hold back a partial piece until more arrives, delaying the frame it ends.
+        self._parts = response.iter_bytes()
         self._buffer = b""
         self._where = where
 
@@ -88,7 +89,7 @@ class ServerApi:
                     code, message = _error_message(response)
                     raise ServerError(f"server {self.base_url} answered {response.status_code} to {path}"
                                       f"{': ' + message if message else ''}", response.status_code, code)
-                yield read_frames(_ResponseReader(response, f"server {self.base_url}{path}"))
+                yield read_frames(ResponseReader(response, f"server {self.base_url}{path}"))
         except httpx.TransportError as exc:
             raise ServerError(f"server {self.base_url}: {exc.__class__.__name__}: {exc}") from exc
 
