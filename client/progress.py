@@ -10,6 +10,11 @@ def mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def size(n: float) -> str:
+    """Bytes for people: kB below a megabyte, where MB would round to 0.00."""
+    return f"{n / 1e3:.1f} kB" if n < 1e6 else mb(n)
+
+
 class ProgressBar:
     """A one-line bar on stderr, redrawn at most 10 times a second; silent unless stderr is a terminal."""
 
@@ -62,6 +67,6 @@ def summary_line(report: dict) -> str:
     saved = f", {report['saved_percent']:.1f}% saved" if full else ""
     where = f" into {report['output']}" if report.get("output") else ""
     return (f"pulled {report['image']}{where} via {report['path']} in {report['seconds']:.1f} s: "
-            f"downloaded {mb(report['bytes_received'])} vs {mb(full)} for a full pull{saved} "
-            f"(sent {mb(report['bytes_sent'])}); {report['chunks_received']} chunks received, "
+            f"downloaded {size(report['bytes_received'])} vs {mb(full)} for a full pull{saved} "
+            f"(sent {size(report['bytes_sent'])}); {report['chunks_received']} chunks received, "
             f"{report['repair_chunks']} in repair, {report['registry_layers']} layer(s) from the registry")
