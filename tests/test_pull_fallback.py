@@ -98,3 +98,17 @@ def test_unknown_image_says_so(pair: ImagePair, tmp_path: Path) -> None:
     result = pull(pair.ref("v9"), dead_server(), tmp_path / "store")
     assert result.returncode == 1
     assert "is not in the registry" in result.stderr
+
+
+def test_a_tampered_layer_is_never_written(registry: Registry, tmp_path: Path) -> None:
+    pair = push_pair(tmp_path / "img", registry, "test/pull-tampered", 300_000, 100_000)
+    manifest = json.loads(run("skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{pair.ref('v1')}"))
+    blob = registry.blob_path(manifest["layers"][1]["digest"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the digest can tell
+    blob.write_bytes(bytes(data))
+    layout = tmp_path / "out"
+    result = pull(pair.ref("v1"), dead_server(), tmp_path / "store", "--out", f"oci:{layout}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "layer 1" in result.stderr
+    assert not (layout / "index.json").exists()  # nothing that looks like an image
