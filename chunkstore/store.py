@@ -92,14 +92,16 @@ class LocalStore:
         self.db_path = self.path / "store.db"
         self._level = level
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        self._db().executescript(_SCHEMA)
 
     # One connection and one zstd context per thread: neither may be shared across threads.
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.db_path, timeout=60, isolation_level=None, check_same_thread=True)
+            # Only takes effect on a new database (before WAL mode writes its header); lets gc hand freed
+            # pages back to the file system.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._local.db = db
@@ -222,7 +224,14 @@ class LocalStore:
     def gc(self, keep: set[bytes]) -> int:
         """Deletes every chunk whose id is not in `keep`; returns how many were deleted."""
         doomed = [cid for cid in self.ids() if cid not in keep]
-        return self.delete(doomed)
+        deleted = self.delete(doomed)
+        if deleted:
+            db = self._db()
+            # Hand free pages back so the file shrinks. executescript, because execute() steps this pragma
+            # once, which frees a single page.
+            db.executescript("PRAGMA incremental_vacuum;")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return deleted
 
     def stats(self) -> StoreStats:
         db = self._db()
