@@ -37,7 +37,7 @@ def build_have_set(store: LocalStore, repository: str, fp_rate: float = 0.01, ta
     records = [r for r in store.images(complete_only=True) if r.manifest_digest != target]
     records.sort(key=lambda r: r.repository != repository)  # stable: newest first within each group
     named: list[tuple[str, str]] = []
-    covered: list[bytes] = []
+    covered: list[np.ndarray] = []  # 8-byte keys, not id objects: 64 big images can name millions of chunks
     for record in records:
         if len(named) == MAX_HAVE_IMAGES:
             break
@@ -48,13 +48,14 @@ def build_have_set(store: LocalStore, repository: str, fp_rate: float = 0.01, ta
         if (record.repository, record.manifest_digest) in named:
             continue
         named.append((record.repository, record.manifest_digest))
-        covered.extend(cid for layer in index.layers for cid, _ in layer.all_chunks())
+        for layer in index.layers:
+            covered += [_keys(bytes(layer.header_chunks.ids)), _keys(bytes(layer.chunks.ids))]
     all_ids = b"".join(store.ids())
     if not all_ids:
         return HaveSet(named, None, 0)
     others = np.frombuffer(all_ids, dtype=np.uint8).reshape(-1, ID_SIZE)
     if covered:
-        others = others[~np.isin(_keys(all_ids), _keys(b"".join(covered)))]
+        others = others[~np.isin(_keys(all_ids), np.concatenate(covered))]
     if len(others) == 0:
         return HaveSet(named, None, 0)
     return HaveSet(named, BloomFilter.build(others.tobytes(), fp_rate), len(others))

@@ -1,6 +1,7 @@
 """What the pull tests share: running `chunksync pull` as a real process, a pushed v1/v2 image pair, skopeo checks."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -89,3 +90,17 @@ def skopeo_config_digest(ref: str, creds: str | None = None) -> str:
         args.append(f"--creds={creds}")
     manifest = json.loads(run(*args, f"docker://{ref}"))
     return manifest["config"]["digest"]
+
+
+def write_auth_file(path: Path, entries: dict[str, str]) -> Path:
+    """A containers-auth.json: {registry key: "user:password"}, each stored base64 as skopeo login writes it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    auths = {key: {"auth": base64.b64encode(value.encode()).decode()} for key, value in entries.items()}
+    path.write_text(json.dumps({"auths": auths}))
+    return path
+
+
+def push_auth_pair(tmp_path: Path, registry: Registry, repo: str, user: str) -> tuple[ImagePair, Path]:
+    """A small v1/v2 pair pushed as `user`, and an auth file holding `user`'s credentials for the registry."""
+    pair = push_pair(tmp_path / "img", registry, repo, 400_000, 100_000, creds=registry.creds(user))
+    return pair, write_auth_file(tmp_path / "auth.json", {registry.host: registry.creds(user)})

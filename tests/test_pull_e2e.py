@@ -2,7 +2,6 @@
 injected on the way by a real proxy (tests/frame_proxy.py)."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import signal
@@ -17,7 +16,8 @@ from chunkstore.index import decode_index
 from chunkstore.store import LocalStore
 from frame_proxy import CORRUPT_RAW, CORRUPT_ZSTD, FAIL, HOLD, FrameProxy
 from helpers import Registry, run
-from pull_tools import ImagePair, pull, pull_command, pull_env, push_pair, skopeo_config_digest, skopeo_inspect
+from pull_tools import (ImagePair, pull, pull_command, pull_env, push_auth_pair, push_pair, skopeo_config_digest,
+                        skopeo_inspect)
 from server_process import ServerProcess
 
 
@@ -134,11 +134,7 @@ def test_killed_pull_resumes_without_downloading_stored_chunks(registry: Registr
 
 
 def test_credentials_from_auth_file_reach_the_server(auth_registry: Registry, tmp_path: Path) -> None:
-    pair = push_pair(tmp_path / "img", auth_registry, "test/pull-auth-e2e", 400_000, 100_000,
-                     creds=auth_registry.creds("bob"))
-    auth_file = tmp_path / "auth.json"
-    token = base64.b64encode(auth_registry.creds("bob").encode()).decode()
-    auth_file.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    pair, auth_file = push_auth_pair(tmp_path, auth_registry, "test/pull-auth-e2e", "bob")
     # The server reads images with its own account (alice); the device's credentials (bob's, forwarded) decide
     # whether it may have this image.
     with ServerProcess(auth_registry.url, store=tmp_path / "server-store", user="alice",

@@ -2,7 +2,6 @@
 and teaches the store the image's chunks. Real registry, real skopeo, the real CLI as a process."""
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from chunkstore.index import decode_index
 from chunkstore.store import LocalStore
 from helpers import Registry, free_port, run
-from pull_tools import ImagePair, pull, pull_env, push_pair, skopeo_config_digest, skopeo_inspect
+from pull_tools import ImagePair, pull, pull_env, push_auth_pair, push_pair, skopeo_config_digest, skopeo_inspect
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +67,7 @@ def test_second_image_keeps_the_first_in_the_layout(pair: ImagePair, tmp_path: P
 
 
 def test_credentials_from_auth_file(auth_registry: Registry, tmp_path: Path) -> None:
-    pair = push_pair(tmp_path / "img", auth_registry, "test/pull-auth-file", 300_000, 100_000,
-                     creds=auth_registry.creds("alice"))
-    auth_file = tmp_path / "auth.json"
-    token = base64.b64encode(auth_registry.creds("alice").encode()).decode()
-    auth_file.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    pair, auth_file = push_auth_pair(tmp_path, auth_registry, "test/pull-auth-file", "alice")
 
     anonymous = pull(pair.ref("v1"), dead_server(), tmp_path / "store")
     assert anonymous.returncode == 1

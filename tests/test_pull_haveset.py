@@ -12,6 +12,7 @@ from chunkstore.index import ImageIndex, LayerIndex, chunk_id
 from chunkstore.store import LocalStore
 from client.auth import AuthFileError, find_credentials
 from client.haveset import build_have_set
+from pull_tools import write_auth_file
 
 DIGESTS = [f"sha256:{i:064x}" for i in range(1, 5)]
 
@@ -47,26 +48,19 @@ def test_empty_store_sends_nothing(tmp_path: Path) -> None:
     assert have.images == [] and have.bloom is None and have.bloom_bytes == 0
 
 
-def _auth_file(path: Path, entries: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    auths = {key: {"auth": base64.b64encode(value.encode()).decode()} for key, value in entries.items()}
-    path.write_text(json.dumps({"auths": auths}))
-    return path
-
-
 def test_credentials_in_skopeo_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
     assert find_credentials("reg.example:5000", "team/app") is None
-    _auth_file(tmp_path / "home/.docker/config.json", {"https://reg.example:5000/v1/": "docker:d"})
+    write_auth_file(tmp_path / "home/.docker/config.json", {"https://reg.example:5000/v1/": "docker:d"})
     assert find_credentials("reg.example:5000", "team/app").username == "docker"
-    _auth_file(tmp_path / "run/containers/auth.json", {"reg.example:5000": "runtime:r",
+    write_auth_file(tmp_path / "run/containers/auth.json", {"reg.example:5000": "runtime:r",
                                                        "reg.example:5000/team/app": "narrow:n"})
     found = find_credentials("reg.example:5000", "team/app")
     assert (found.username, found.password) == ("narrow", "n")  # most specific key wins
     assert find_credentials("reg.example:5000", "team/other").username == "runtime"
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(_auth_file(tmp_path / "explicit.json", {"reg.example:5000": "e:p:q"})))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(write_auth_file(tmp_path / "explicit.json", {"reg.example:5000": "e:p:q"})))
     assert find_credentials("reg.example:5000", "team/app").password == "p:q"
     assert find_credentials("reg.example:5000", "x", creds="flag:f").source == "--creds"
     assert find_credentials("reg.example:5000", "x", username="u", password="p").basic() == \
