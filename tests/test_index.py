@@ -14,7 +14,8 @@ from chunkstore import oci
 from chunkstore.chunker import ALGORITHM, ChunkParams
 from chunkstore.index import (FORMAT, VERSION, ChunkList, ImageIndex, IndexFormatError, LayerIndex, decode_index,
                               index_layer)
-from tarkit import make_tree, gnu_tar
+from helpers import run
+from tarkit import gnu_tar, make_tree
 
 PARAMS = ChunkParams(min_size=64, avg_size=256, max_size=1024)
 DIGEST = "sha256:" + "ab" * 32
@@ -211,3 +212,23 @@ def test_index_layer_streams_a_layer_without_reading_it_whole(tmp_path) -> None:
     with Spy(tar) as blob:
         index_layer(blob, oci.OCI_LAYER_TAR, read_size=1 << 16)
     assert Spy.largest <= 1 << 20
+
+
+def test_format_md_worked_example(tmp_path) -> None:
+    """The worked example of docs/FORMAT.md: two files tarred by GNU tar."""
+    (tmp_path / "a.txt").write_bytes(b"hello\n")
+    (tmp_path / "b.txt").write_bytes(b"world!\n")
+    tar = tmp_path / "ex.tar"
+    run("tar", "--format=gnu", "--mtime=2024-01-01", "--owner=0", "--group=0", "--numeric-owner", "--sort=name",
+        "-cf", tar, "-C", tmp_path, "a.txt", "b.txt")
+    layer = index_layer(open(tar, "rb"), oci.OCI_LAYER_TAR)
+    assert list(layer.run_pairs()) == [(512, 6), (1018, 7), (8697, 0)]
+    assert list(layer.header_chunks.lengths) == [10227] and list(layer.chunks.lengths) == [6, 7]
+    assert bytes(layer.chunks.ids).hex() == ("8e4c7c1b99dbfd50e7a95185fead5ee1448fa904a2fdd778eaf5f2dbfd629a99"
+                                             "af610ff6e5ecbb9c792de06464d8f4ca3fd17074aa26c6373693a45ac4fb462a")
+    obj = msgpack.unpackb(ImageIndex(DIGEST, [layer], ChunkParams()).encode())
+    assert obj["layers"][0]["runs"].hex() == ("0002000000000000" "0600000000000000" "fa03000000000000"
+                                              "0700000000000000" "f921000000000000" "0000000000000000")
+    assert obj["layers"][0]["header_lengths"].hex() == "f3270000"
+    assert obj["layers"][0]["lengths"].hex() == "0600000007000000"
+    assert list(obj) == ["format", "version", "chunking", "manifest_digest", "layers"]
