@@ -2,10 +2,8 @@
 bad input. One server process and one pair of image versions for the module."""
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import msgpack

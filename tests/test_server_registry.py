@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import pytest
 
 from chunkstore.index import chunk_id, decode_index
 from chunkstore.oci import ARTIFACT_TYPE, INDEX_LAYER_MEDIA_TYPE, OCI_EMPTY
@@ -147,3 +146,15 @@ def test_index_command(registry: Registry, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "error:" in bad.stderr and "nope" in bad.stderr
     invalid = run("127.0.0.1:5000/UPPER/case", "--store", str(tmp_path / "store-1"))
     assert invalid.returncode == 2 and "invalid repository" in invalid.stderr
+
+
+def test_concurrent_first_syncs_index_once(registry: Registry, tmp_path: Path) -> None:
+    repo = "server/single-flight"
+    layout = build_image(tmp_path, [real_files(800_000)], "v1")
+    push_image(layout, "v1", registry, repo)
+    with ServerProcess(registry.url, store=tmp_path / "store") as server:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: synced(server, repo, "v1"), range(4)))
+        assert len({answer.header["index"] for answer in answers if answer.header}) == 1
+        assert all(answer.ids == answers[0].ids for answer in answers)
+        assert server.metrics()["chunksync_images_indexed_total"] == 1
