@@ -51,8 +51,6 @@ class Service:
         image = self.indexer.get(request.repository, manifest.digest, manifest)
         have: set[bytes] = set()
         for repository, digest in request.have_images:
-            if digest == image.manifest_digest and repository == image.repository:
-                continue
             # Only images the device may pull count: otherwise what gets skipped would reveal what they hold.
             if not self.access.allowed(authorization, repository, digest):
                 continue
