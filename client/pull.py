@@ -207,8 +207,8 @@ class Pull:
             if first is None or first.type != FRAME_HEADER:
                 raise self._unexpected(first, "a HEADER frame")
             image, index, index_data = self._accept_header(first.payload, expected)
-            missing = self._missing(index)
-            self.progress.start("pull", sum(self._lengths(index)[cid] for cid in missing))
+            lengths = self._lengths(index)
+            self.progress.start("pull", sum(lengths[cid] for cid in self._missing(index)))
             try:
                 if not self._receive(frames, index):
                     self.warn("the server's answer ended early; asking for what is still missing")
