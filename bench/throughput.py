@@ -23,7 +23,7 @@ from isal import igzip
 from bench.corpus import cache_dir
 from chunkstore import oci
 from chunkstore.index import index_layer
-from chunkstore.store import LocalStore
+from chunkstore.store import ChunkWriter, LocalStore
 
 # Real files of this machine, ~400 MB uncompressed, ~150 MB as tar+gzip -6.
 SOURCES = ["usr/lib/python3.11", "usr/lib/python3", "usr/share/doc", "usr/lib/gcc", "usr/share/perl",
@@ -63,21 +63,10 @@ def chunk_hash(layer: Path) -> None:
 def chunk_hash_store(layer: Path, work: Path) -> None:
     store_dir = Path(tempfile.mkdtemp(dir=work))
     store = LocalStore(store_dir)
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
-
-    def on_chunk(cid: bytes, data: bytes) -> None:
-        nonlocal size
-        batch.append((cid, data))
-        size += len(data)
-        if size >= BATCH_BYTES:
-            store.put_many(batch, verify=False)  # index_layer hashed them a moment ago
-            batch.clear()
-            size = 0
-
+    writer = ChunkWriter(store, BATCH_BYTES)
     with open(layer, "rb") as blob:
-        index_layer(blob, oci.OCI_LAYER_GZIP, on_chunk=on_chunk)
-    store.put_many(batch, verify=False)
+        index_layer(blob, oci.OCI_LAYER_GZIP, on_chunk=writer)
+    writer.flush()
     store.close()
     shutil.rmtree(store_dir)
 

@@ -13,10 +13,9 @@ from . import oci
 from .index import ImageIndex, LayerIndex, index_layer
 from .layers import GZIP, NONE, ZSTD, LayerFormatError
 from .retention import prune
-from .store import LocalStore, StoreError, default_store_path
+from .store import ChunkWriter, LocalStore, StoreError, default_store_path
 
 _MEDIA_TYPE_OF = {GZIP: oci.OCI_LAYER_GZIP, ZSTD: oci.OCI_LAYER_ZSTD, NONE: oci.OCI_LAYER_TAR}
-_BATCH_BYTES = 8 << 20  # chunks are put in transactions of about this size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,23 +102,10 @@ def run_chunk(args: argparse.Namespace) -> int:
 
 
 def _chunk(blob: Any, media_type: str | None, store: LocalStore | None, add: bool) -> dict[str, Any]:
-    batch: list[tuple[bytes, bytes]] = []
-    batched = 0
-    added = 0
-
-    def on_chunk(cid: bytes, data: bytes) -> None:
-        nonlocal batched, added
-        batch.append((cid, data))
-        batched += len(data)
-        if batched >= _BATCH_BYTES:
-            added += store.put_many(batch)  # type: ignore[union-attr]
-            batch.clear()
-            batched = 0
-
+    writer = ChunkWriter(store) if add and store is not None else None
     start = time.perf_counter()
-    layer = index_layer(blob, media_type or "", on_chunk=on_chunk if add else None)
-    if add:
-        added += store.put_many(batch)  # type: ignore[union-attr]
+    layer = index_layer(blob, media_type or "", on_chunk=writer)
+    added = writer.flush() if writer else 0
     seconds = time.perf_counter() - start
     layer.media_type = media_type or _MEDIA_TYPE_OF[layer.compression]
     report = _layer_report(layer, seconds)

@@ -278,6 +278,32 @@ class LocalStore:
                        (repository, manifest_digest))
 
 
+class ChunkWriter:
+    """An `index_layer` chunk sink: puts chunks into a store in transactions of about `batch_bytes`, so a layer
+    never sits in memory whole. Call `flush()` at the end; `added` counts the chunks that were new."""
+
+    def __init__(self, store: LocalStore, batch_bytes: int = 8 << 20, verify: bool = False):
+        # verify=False: index_layer computed the ids from these very bytes a moment ago.
+        self.store = store
+        self.batch_bytes = batch_bytes
+        self.verify = verify
+        self.added = 0
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._pending = 0
+
+    def __call__(self, cid: bytes, data: bytes) -> None:
+        self._batch.append((cid, data))
+        self._pending += len(data)
+        if self._pending >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> int:
+        self.added += self.store.put_many(self._batch, self.verify)
+        self._batch.clear()
+        self._pending = 0
+        return self.added
+
+
 class _transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (so a full disk changes nothing); SQLite's
     errors become a StoreError that says what to do."""

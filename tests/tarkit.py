@@ -16,7 +16,7 @@ from pathlib import Path
 from chunkstore import oci
 from chunkstore.index import LayerIndex, index_layer
 from chunkstore.reassemble import write_layer
-from chunkstore.store import LocalStore
+from chunkstore.store import ChunkWriter, LocalStore
 from helpers import build_image, run
 
 LONG_DIR = "d" * 90 + "/" + "e" * 60  # a path over 100 characters: PAX path records / GNU ././@LongLink
@@ -123,11 +123,11 @@ class Indexed:
 
 def index_and_rebuild(blob: bytes | Path, media_type: str, store: LocalStore) -> Indexed:
     """index_layer into a real store, then write_layer back out of it."""
-    batch: list[tuple[bytes, bytes]] = []
+    writer = ChunkWriter(store, batch_bytes=1 << 20, verify=True)
     stream = open(blob, "rb") if isinstance(blob, Path) else io.BytesIO(blob)
     with stream:
-        layer = index_layer(stream, media_type, on_chunk=lambda cid, data: batch.append((cid, data)))
-    store.put_many(batch)
+        layer = index_layer(stream, media_type, on_chunk=writer)
+    writer.flush()
     out = io.BytesIO()
     write_layer(layer, store.get, out)
     return Indexed(layer, out.getvalue())

@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from chunkstore.index import chunk_id
-from chunkstore.store import CorruptChunk, LocalStore, StoreError, default_store_path
+from chunkstore.store import ChunkWriter, CorruptChunk, LocalStore, StoreError, default_store_path
 
 # A writer that puts batches of random chunks forever, printing after each committed batch.
 WRITER = """
@@ -231,3 +231,18 @@ def test_default_store_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_store_path() == tmp_path / "home/.local/share/chunksync"
+
+
+def test_chunk_writer_batches(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    writer = ChunkWriter(store, batch_bytes=20_000, verify=True)
+    batch = chunks(30, size=3000)
+    for cid, data in batch[:20]:
+        writer(cid, data)
+    assert 0 < store.count() < 20  # whole batches went in as they filled
+    for cid, data in batch:
+        writer(cid, data)
+    assert writer.flush() == 30 == store.count()
+    with pytest.raises(CorruptChunk):
+        writer(batch[0][0], b"other bytes")
+        writer.flush()
