@@ -15,7 +15,7 @@ import pytest
 from chunkstore.index import decode_index
 from chunkstore.store import LocalStore
 from frame_proxy import CORRUPT_RAW, CORRUPT_ZSTD, FAIL, HOLD, FrameProxy
-from helpers import Registry, run
+from helpers import Registry, push_multiarch, real_files, run
 from pull_tools import (ImagePair, pull, pull_command, pull_env, push_auth_pair, push_pair, skopeo_config_digest,
                         skopeo_inspect)
 from server_process import ServerProcess
@@ -144,3 +144,17 @@ def test_credentials_from_auth_file_reach_the_server(auth_registry: Registry, tm
         assert report["path"] == "diff" and report["chunks_received"] > 0
         refused = pull(pair.ref("v1"), server.url, tmp_path / "store2", "--creds", "bob:wrong")
     assert refused.returncode == 1 and "credentials" in refused.stderr
+
+
+def test_platform_picks_the_image_of_an_index(registry: Registry, server: ServerProcess, tmp_path: Path) -> None:
+    multi = push_multiarch(tmp_path, registry, "test/pull-multi", "v1", {
+        "linux/amd64": [real_files(100_000, prefix="amd64/")],
+        "linux/arm64": [real_files(100_000, skip=30, prefix="arm64/")],
+    })
+    ref = f"{registry.host}/test/pull-multi:v1"
+    report = pull(ref, server.url, tmp_path / "store", "--platform", "linux/arm64", "--out",
+                  f"oci:{tmp_path / 'out'}").report
+    assert report["manifest_digest"] == multi.manifests["linux/arm64"] and report["path"] == "diff"
+    assert skopeo_inspect(tmp_path / "out", "v1")["Architecture"] == "arm64"
+    missing = pull(ref, server.url, tmp_path / "store", "--platform", "linux/s390x")
+    assert missing.returncode == 1 and "no image for platform linux/s390x" in missing.stderr
