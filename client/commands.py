@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -92,11 +93,16 @@ def run_pull(args: argparse.Namespace) -> int:
         pull = Pull(options, ProgressBar(), warn=lambda message: print(f"chunksync: {message}", file=sys.stderr))
     except (InvalidReference, LayoutError, AuthFileError, ValueError) as exc:
         return _fail(str(exc), 2)
+    except (OSError, sqlite3.Error) as exc:
+        return _fail(f"cannot open the store {args.store or default_store()}: {exc}; choose another with --store")
     _return_big_buffers_to_the_os()
     try:
         report = pull.run()
     except PullError as exc:
         return _fail(str(exc))
+    except (OSError, sqlite3.Error) as exc:
+        # e.g. a full disk: temporary files are gone and index.json untouched, so nothing half-written shows
+        return _fail(f"{exc}; nothing was added to the output, free space or fix permissions and pull again")
     finally:
         pull.close()
     result = report.to_json()
