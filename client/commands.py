@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from chunkstore.oci import InvalidReference, parse_image_ref
+from chunkstore.store import StoreError
 
 from .auth import AuthFileError, find_credentials
 from .layout import LayoutError, parse_target
@@ -93,14 +94,14 @@ def run_pull(args: argparse.Namespace) -> int:
         pull = Pull(options, ProgressBar(), warn=lambda message: print(f"chunksync: {message}", file=sys.stderr))
     except (InvalidReference, LayoutError, AuthFileError, ValueError) as exc:
         return _fail(str(exc), 2)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreError) as exc:
         return _fail(f"cannot open the store {args.store or default_store()}: {exc}; choose another with --store")
     _return_big_buffers_to_the_os()
     try:
         report = pull.run()
     except PullError as exc:
         return _fail(str(exc))
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreError) as exc:
         # e.g. a full disk: temporary files are gone and index.json untouched, so nothing half-written shows
         return _fail(f"{exc}; nothing was added to the output, free space or fix permissions and pull again")
     finally:

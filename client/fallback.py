@@ -6,12 +6,10 @@ from chunkstore.chunker import DEFAULT_PARAMS, ChunkParams
 from chunkstore.index import LayerIndex, index_layer
 from chunkstore.layers import LayerFormatError
 from chunkstore.oci import DigestMismatch
-from chunkstore.store import LocalStore
+from chunkstore.store import ChunkWriter, LocalStore
 from client.registry import Manifest, RegistryClient
 
 from .verify import Image, VerificationError, verify_image, verify_layer
-
-_BATCH_BYTES = 8 << 20  # chunks are written to the store in transactions of about this size
 
 
 def fetch_image(registry: RegistryClient, repository: str, manifest: Manifest) -> Image:
@@ -27,29 +25,13 @@ def pull_layer(registry: RegistryClient, image: Image, i: int, store: LocalStore
     Chunks reach the store while the blob streams, in bounded batches; memory never holds the layer.
     """
     descriptor = image.layers[i]
-    batch: list[tuple[bytes, bytes]] = []
-    pending = 0
-
-    def keep(cid: bytes, data: bytes) -> None:
-        nonlocal pending
-        batch.append((cid, data))
-        pending += len(data)
-        if pending >= _BATCH_BYTES:
-            flush()
-
-    def flush() -> None:
-        nonlocal pending
-        # The ids were just computed from these bytes by index_layer: hashing them again would prove nothing.
-        store.put_many(batch, verify=False)
-        batch.clear()
-        pending = 0
-
+    sink = ChunkWriter(store)
     try:
         with registry.open_blob(image.repository, descriptor["digest"], descriptor.get("size")) as blob:
-            layer = index_layer(blob, descriptor.get("mediaType", ""), on_chunk=keep, params=params)
+            layer = index_layer(blob, descriptor.get("mediaType", ""), on_chunk=sink, params=params)
     except (DigestMismatch, LayerFormatError) as exc:
         raise VerificationError(f"layer {i} from the registry: {exc}") from None
-    flush()
+    sink.flush()
     verify_layer(image, i, layer)
     return layer
 
