@@ -3,7 +3,6 @@ built by streaming a layer blob once, encoded as versioned msgpack (docs/FORMAT.
 from __future__ import annotations
 
 import struct
-import time
 from array import array
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator

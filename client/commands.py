@@ -5,23 +5,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import sqlite3
 import sys
 from pathlib import Path
 
 from chunkstore.oci import InvalidReference, parse_image_ref
-from chunkstore.store import StoreError
+from chunkstore.store import StoreError, default_store_path
 
 from .auth import AuthFileError, find_credentials
 from .layout import LayoutError, parse_target
 from .progress import ProgressBar, summary_line
-
-
-def default_store() -> Path:
-    """A per-user data directory: $XDG_DATA_HOME/chunksync or ~/.local/share/chunksync."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "chunksync"
 
 
 def _fp_rate(text: str) -> float:
@@ -40,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("image", metavar="REGISTRY/REPO[:TAG|@DIGEST]")
     pull.add_argument("--server", required=True, metavar="URL", help="the chunksync server, e.g. http://host:8080")
     pull.add_argument("--store", type=Path, default=None, metavar="DIR",
-                      help=f"the local chunk store (default {default_store()})")
+                      help=f"the local chunk store (default {default_store_path()})")
     pull.add_argument("--out", metavar="oci:DIR[:TAG]",
                       help="write the image into this OCI layout (default: verify and keep it in the store only)")
     pull.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] (default linux/amd64)")
@@ -88,14 +81,14 @@ def run_pull(args: argparse.Namespace) -> int:
         out = parse_target(args.out) if args.out else None
         creds = find_credentials(ref.registry, ref.repository, username=args.username, password=args.password,
                                  creds=args.creds)
-        options = PullOptions(image=ref, server=args.server, store=args.store or default_store(), out=out,
+        options = PullOptions(image=ref, server=args.server, store=args.store or default_store_path(), out=out,
                               platform=args.platform, fp_rate=args.fp_rate, plain_http=args.plain_http,
                               credentials=creds)
         pull = Pull(options, ProgressBar(), warn=lambda message: print(f"chunksync: {message}", file=sys.stderr))
     except (InvalidReference, LayoutError, AuthFileError, ValueError) as exc:
         return _fail(str(exc), 2)
     except (OSError, sqlite3.Error, StoreError) as exc:
-        return _fail(f"cannot open the store {args.store or default_store()}: {exc}; choose another with --store")
+        return _fail(f"cannot open the store {args.store or default_store_path()}: {exc}; choose another with --store")
     _return_big_buffers_to_the_os()
     try:
         report = pull.run()
