@@ -102,12 +102,6 @@ class ImageIndex:
         return encode_index(self)
 
 
-@dataclass
-class IndexStats:
-    seconds: float = 0.0
-    files: int = 0
-
-
 def index_layer(blob: BinaryIO, media_type: str, on_chunk: ChunkSink | None = None,
                 params: ChunkParams = DEFAULT_PARAMS, read_size: int = 1 << 20) -> LayerIndex:
     """Reads a layer blob once, streaming: decodes it, splits it tar-aware, chunks it, hashes it.
