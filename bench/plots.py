@@ -12,6 +12,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.summary import METHODS, per_pair  # noqa: E402
 
 
+def _finish(fig, ax, path: Path, xlabel: str | None, ylabel: str, title: str, ncol: int = 1) -> None:
+    """Log y axis (the methods span four orders of magnitude), labels, legend, saved and closed."""
+    ax.set_yscale("log")
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=ncol)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def bytes_per_method(results: dict, path: Path) -> None:
     pp = per_pair(results)
     pairs = list(pp)
@@ -22,14 +35,8 @@ def bytes_per_method(results: dict, path: Path) -> None:
         xs = [j + (i - len(METHODS) / 2 + 0.5) * width for j in range(len(pairs))]
         ax.bar(xs, [max(v, 1e-4) for v in values], width, label=method,
                edgecolor="black" if method == "chunksync" else None)
-    ax.set_yscale("log")
     ax.set_xticks(range(len(pairs)), pairs, rotation=15)
-    ax.set_ylabel("MB to a device on v1 (log)")
-    ax.set_title("Bytes to update v1 → v2, per method")
-    ax.legend(fontsize=8, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path, None, "MB to a device on v1 (log)", "Bytes to update v1 → v2, per method", ncol=4)
 
 
 def cpu_vs_bytes(results: dict, path: Path) -> None:
@@ -52,14 +59,8 @@ def cpu_vs_bytes(results: dict, path: Path) -> None:
             ys.append(max(r["bytes"], 1) / 1e6)
         ax.scatter(xs, ys, marker=markers[method], label=method, s=60 if method == "chunksync" else 35)
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("server CPU s (chunksync: answer per device; tools: making the patch; floor 5 ms)")
-    ax.set_ylabel("MB to the device (log)")
-    ax.set_title("Server CPU vs bytes, one point per pair")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path, "server CPU s (chunksync: answer per device; tools: making the patch; floor 5 ms)",
+            "MB to the device (log)", "Server CPU vs bytes, one point per pair")
 
 
 def sweep(results: dict, path: Path) -> None:
@@ -69,14 +70,8 @@ def sweep(results: dict, path: Path) -> None:
         ax.plot([r["avg_kib"] for r in rows], [r["total_bytes"] / 1e6 for r in rows], marker="o", label=pair)
         ax.plot([r["avg_kib"] for r in rows], [r["index_bytes"] / 1e6 for r in rows], linestyle=":", color="grey")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("average chunk size KiB (min = avg/4, max = avg×4)")
-    ax.set_ylabel("MB: payload + index (dotted: index alone)")
-    ax.set_title("Chunk-size sweep (in-process)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _finish(fig, ax, path, "average chunk size KiB (min = avg/4, max = avg×4)",
+            "MB: payload + index (dotted: index alone)", "Chunk-size sweep (in-process)")
 
 
 def write_all(results: dict, out: Path) -> list[Path]:

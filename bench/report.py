@@ -41,8 +41,9 @@ def chunksync_costs(results: dict) -> list[str]:
         for label, key in (("v2 after v1", "update"), ("first pull, empty device", "first_pull")):
             r = cs[key]
             full = cs["changed_layer_bytes"] if key == "update" else cs["full_pull_bytes"]
+            counted = r["client_bytes_received"] + r["client_bytes_sent"]
             rows.append([pair, label, _mb(r["wire_bytes"]), _f(100 * ratio(r["wire_bytes"], full), "{:.1f}"),
-                         f"{r['wire_sent']:,}", f"{r['client_bytes_received'] + r['client_bytes_sent'] - r['wire_bytes']:+,}",
+                         f"{r['wire_sent']:,}", f"{counted - r['wire_bytes']:+,}",
                          f"{r['server_requests']} + {r['registry_requests']}", str(r["connections"]),
                          f"{r['chunks_received']:,}", str(r["repair_chunks"]), _f(r["server_cpu_s"]),
                          _f(r["server_peak_rss_mb"], "{:.0f}"), _f(r["client_cpu_s"]),
@@ -61,7 +62,8 @@ def index_costs(results: dict) -> list[str]:
             speed = i["uncompressed_bytes"] / 1e6 / i["cpu_s"] if i["cpu_s"] else None
             rows.append([pair, tag, _mb(i["uncompressed_bytes"], 1), f"{i['chunks']:,}", _f(i["cpu_s"]),
                          _f(i["wall_s"]), _f(speed, "{:.0f}"), _f(i["peak_rss_mb"], "{:.0f}")])
-    return _table(["pair", "image", "uncompressed MB", "chunks", "CPU s", "wall s", "MB per CPU s (whole process)", "peak RSS MB"],
+    return _table(["pair", "image", "uncompressed MB", "chunks", "CPU s", "wall s", "MB per CPU s (whole process)",
+                   "peak RSS MB"],
                   rows, "llrrrrrr")
 
 
@@ -135,11 +137,12 @@ def markdown(results: dict) -> str:
         "## chunksync at both ends", "",
         "*wire MB*: TCP payload through the proxies (request + answer, server + registry). *sent B*: what the device "
         "sent (sync request with its have-set, manifest request). *client count − wire*: the pull's own `--json` "
-        "bytes_sent + bytes_received minus the wire count (negative: the client counts less; chunked-encoding markers and status lines it does not "
-        "see). *requests*: HTTP requests to the server (1 = one round trip; a repair round adds one) and to the "
-        "registry (the tag lookup). *server answer CPU s*: user+sys of the `chunksync serve` process around the "
-        "pull (/proc/PID/stat; 10 ms ticks; median of the repeated update pulls), indexing excluded (done "
-        "beforehand by `chunksync index`). *server peak RSS*: VmHWM, reset before each pull (clear_refs 5). Client: "
+        "bytes_sent + bytes_received minus the wire count (negative: the client counts less; "
+        "chunked-encoding markers and status lines it does not see). *requests*: HTTP requests to the server "
+        "(1 = one round trip; a repair round adds one) and to the registry (the tag lookup). *server answer CPU "
+        "s*: user+sys of the `chunksync serve` process around the pull (/proc/PID/stat; 10 ms ticks; median of "
+        "the repeated update pulls), indexing excluded (done beforehand by `chunksync index`). *server peak RSS*: "
+        "VmHWM, reset before each pull (clear_refs 5). Client: "
         "GNU time around `chunksync pull --out oci:…` (whole process, Python start-up included).", "",
         *chunksync_costs(results),
         "## Indexing, once per image (`chunksync index`, GNU time)", "",

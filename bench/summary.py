@@ -41,8 +41,8 @@ def per_pair(results: dict) -> dict[str, dict[str, dict]]:
         update = cs["update"]
         methods["chunksync"] = {"bytes": update["wire_bytes"], "make_cpu_s": 0.0, "make_rss_mb": None,
                                 "answer_cpu_s": update["server_cpu_s"], "apply_cpu_s": update["client_cpu_s"],
-                                "index_cpu_s": cs["index"]["new"]["cpu_s"], "verified": update["path"] in ("diff", "repair"),
-                                "note": ""}
+                                "index_cpu_s": cs["index"]["new"]["cpu_s"],
+                                "verified": update["path"] in ("diff", "repair"), "note": ""}
         out[pair] = methods
     return out
 
