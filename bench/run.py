@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> dict:
     require_tools("docker-registry", "skopeo", "gzip", "bsdiff", "xdelta3", "zstd", "rsync", "casync")
     started = time.monotonic()
     results: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                     "command": "python -m bench " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+                     "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if args.argv is None else args.argv)]),
                      "machine": machine(), "chunksync": {}, "baselines": [], "sweep": []}
     work = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
     registry, host = start_registry(work / "registry")
