@@ -4,6 +4,7 @@ Helpers that build and push images live in tests/helpers.py.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,18 @@ import pytest
 from helpers import USERS, Registry, start_registry as _start_registry
 
 StartRegistry = Callable[..., Registry]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true",
+                     help="the long reliability runs: hundreds of faults, tens of thousands of fuzz cases "
+                          "(docs/RELIABILITY.md)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before test modules are imported, so their trial and example counts (tests/soak.py) can depend on it.
+    if config.getoption("--soak"):
+        os.environ["CHUNKSYNC_SOAK"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """A real HTTP proxy on loopback between a device and the chunksync server, for faults that happen on the way:
-it forwards requests, parses the answer's frames as they pass, and can damage one CHUNKS frame, hold the
-stream after the first CHUNKS frame until released, or refuse with an error status.
+it forwards requests, parses the answer's frames as they pass, and can damage one CHUNKS frame, flip one byte
+anywhere in the frames, hold the stream after the first CHUNKS frame until released, or refuse with an error
+status. Raw byte faults below HTTP (cuts, flips of status lines): tests/fault_proxy.py.
 
 Used instead of mocks: the client and server under test are the real ones, talking over real sockets.
 """
@@ -26,6 +27,7 @@ CORRUPT_RAW = "corrupt-raw"    # flip a byte of a chunk's bytes and recompress: 
 CORRUPT_ZSTD = "corrupt-zstd"  # flip bytes inside the frame's zstd data: the frame fails to decode or hash
 HOLD = "hold"                  # forward HEADER and the first CHUNKS frame, then wait for release()
 FAIL = "fail"                  # answer 503 without asking the server
+FLIP = "flip"                  # invert the byte at `flip_at` of the frame stream (prefix, msgpack, zstd: anywhere)
 
 
 def _damage(payload: dict, mode: str) -> dict:
@@ -45,12 +47,13 @@ def _damage(payload: dict, mode: str) -> dict:
 
 
 class FrameProxy:
-    """`FrameProxy(upstream_url, mode)`; `.url`; counts `requests[path]`; damages only `damage_answers` answers
-    (default: the first); `.forwarded_first_chunks` is set once a HOLD has passed its first CHUNKS frame."""
+    """`FrameProxy(upstream_url, mode, flip_at=None)`; `.url`; counts `requests[path]`; damages only
+    `damage_answers` answers (default: the first); `.forwarded_first_chunks` is set once a HOLD has passed its first CHUNKS frame."""
 
-    def __init__(self, upstream: str, mode: str = PASS, damage_answers: int = 1) -> None:
+    def __init__(self, upstream: str, mode: str = PASS, damage_answers: int = 1, flip_at: int | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.mode = mode
+        self.flip_at = flip_at  # FLIP: the byte at this offset of the first answer's frames arrives inverted
         self.damage_left = damage_answers
         self.requests: dict[str, int] = {}
         self.damaged_frames = 0
@@ -93,7 +96,7 @@ class FrameProxy:
         path = handler.path.split("?")[0]
         with self._lock:
             self.requests[path] = self.requests.get(path, 0) + 1
-            damage = self.mode in (CORRUPT_RAW, CORRUPT_ZSTD) and self.damage_left > 0
+            damage = self.mode in (CORRUPT_RAW, CORRUPT_ZSTD, FLIP) and self.damage_left > 0
             if damage:
                 self.damage_left -= 1
         if self.mode == FAIL:
@@ -126,15 +129,22 @@ class FrameProxy:
 
     def _forward_frames(self, reader: io.BufferedReader, handler: BaseHTTPRequestHandler, damage: bool) -> None:
         chunks_frames = 0
+        offset = 0  # of the frame stream forwarded so far
         while prefix := reader.read(_PREFIX.size):
             version, frame_type, length = _PREFIX.unpack(prefix)
             body = reader.read(length)
             if frame_type == FRAME_CHUNKS:
                 chunks_frames += 1
-                if damage and chunks_frames == 1:
+                if damage and chunks_frames == 1 and self.mode != FLIP:
                     body = msgpack.packb(_damage(msgpack.unpackb(body, raw=False), self.mode), use_bin_type=True)
                     self.damaged_frames += 1
-            handler.wfile.write(_PREFIX.pack(version, frame_type, len(body)) + body)
+            frame = _PREFIX.pack(version, frame_type, len(body)) + body
+            if damage and self.mode == FLIP and self.flip_at is not None and offset <= self.flip_at < offset + len(frame):
+                i = self.flip_at - offset  # after parsing: the proxy stays in step, the device gets the damage
+                frame = frame[:i] + bytes([frame[i] ^ 0xFF]) + frame[i + 1:]
+                self.damaged_frames += 1
+            offset += len(frame)
+            handler.wfile.write(frame)
             handler.wfile.flush()
             if self.mode == HOLD and frame_type == FRAME_CHUNKS and chunks_frames == 1:
                 self.forwarded_first_chunks.set()

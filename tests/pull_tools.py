@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -104,3 +105,38 @@ def push_auth_pair(tmp_path: Path, registry: Registry, repo: str, user: str) -> 
     """A small v1/v2 pair pushed as `user`, and an auth file holding `user`'s credentials for the registry."""
     pair = push_pair(tmp_path / "img", registry, repo, 400_000, 100_000, creds=registry.creds(user))
     return pair, write_auth_file(tmp_path / "auth.json", {registry.host: registry.creds(user)})
+
+
+def _blob_ok(layout: Path, digest: str, size: int | None = None) -> bool:
+    path = layout / "blobs" / "sha256" / digest.split(":")[1]
+    if not path.is_file() or (size is not None and path.stat().st_size != size):
+        return False
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while data := f.read(1 << 20):
+            sha.update(data)
+    return "sha256:" + sha.hexdigest() == digest
+
+
+def layout_images(layout: Path) -> dict[str, dict]:
+    """tag -> manifest of every image the layout's index.json names, each checked completely (without skopeo,
+    so it is cheap enough for hundreds of trials): manifest, config and layer blobs present and hashing to their
+    digests, layers equal to the config's diff_ids. Fails the test if index.json names an image it does not hold;
+    a layout without index.json holds nothing ({})."""
+    index_path = layout / "index.json"
+    if not index_path.exists():
+        return {}
+    images = {}
+    for entry in json.loads(index_path.read_text())["manifests"]:
+        tag = entry.get("annotations", {}).get("org.opencontainers.image.ref.name")
+        assert _blob_ok(layout, entry["digest"], entry["size"]), f"{layout}: manifest of {tag} missing or damaged"
+        manifest = json.loads((layout / "blobs" / "sha256" / entry["digest"].split(":")[1]).read_bytes())
+        config_desc = manifest["config"]
+        assert _blob_ok(layout, config_desc["digest"], config_desc["size"]), f"{layout}: config of {tag} is bad"
+        config = json.loads((layout / "blobs" / "sha256" / config_desc["digest"].split(":")[1]).read_bytes())
+        layers = [layer["digest"] for layer in manifest["layers"]]
+        assert layers == config["rootfs"]["diff_ids"], f"{layout}: layers of {tag} are not its diff_ids"
+        for layer in manifest["layers"]:
+            assert _blob_ok(layout, layer["digest"], layer["size"]), f"{layout}: layer {layer['digest']} of {tag}"
+        images[tag] = manifest
+    return images
