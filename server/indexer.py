@@ -3,9 +3,16 @@ else computed by streaming each layer blob through the chunker and pushed to the
 
 The local store is a cache: an index found in the registry is served by re-chunking layer blobs whose
 chunks the store lacks, so wiping the store loses nothing.
+
+An index found in the registry is not trusted to say which chunks an image holds: anyone who may push to a
+repository can push one, listing chunk ids of other repositories' content that the shared store happens to hold.
+Its layers are re-chunked (and compared) before any chunk is served through it, unless this server already
+chunked a layer with the same digest into the same ids.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -51,6 +58,7 @@ class IndexedImage:
     config: bytes
     index_data: bytes
     index: ImageIndex
+    verified: bool = False   # computed here, or every layer re-chunked here and found to match
 
     @cached_property
     def ids(self) -> set[bytes]:
@@ -87,6 +95,7 @@ class Indexer:
         self._images: SingleFlight[IndexReport] = SingleFlight()
         self._layers: SingleFlight[None] = SingleFlight()
         self._decoded: OrderedDict[tuple[str, str], IndexedImage] = OrderedDict()
+        self._verified_layers: set[tuple[str, bytes]] = set()  # _layer_key of layers chunked by this server
         self._lock = threading.Lock()
 
     # --- lookup ---------------------------------------------------------------------------------------------
@@ -123,8 +132,9 @@ class Indexer:
         if record is None or record.manifest is None or record.config is None:
             return None
         try:
+            # `complete` in the server's store means verified (see ensure_chunks).
             image = IndexedImage(repository, digest, record.manifest, record.config, record.index_data,
-                                 decode_index(record.index_data))
+                                 decode_index(record.index_data), verified=record.complete)
         except IndexFormatError as exc:
             log.warning("dropping a bad index record for %s@%s: %s", repository, digest, exc)
             self.store.delete_image(repository, digest)
@@ -134,6 +144,8 @@ class Indexer:
 
     def _remember(self, image: IndexedImage) -> None:
         with self._lock:
+            if image.verified:
+                self._verified_layers.update(_layer_key(layer) for layer in image.index.layers)
             self._decoded[(image.repository, image.manifest_digest)] = image
             self._decoded.move_to_end((image.repository, image.manifest_digest))
             while len(self._decoded) > _DECODED_CACHE:
@@ -210,7 +222,7 @@ class Indexer:
         log.info("indexed %s@%s: %d layers, %.1f MB chunked in %.2f s", repository, manifest.digest, len(layers),
                  chunked / 1e6, seconds)
         pushed = self._push(repository, manifest, index, index_data) if self.push else None
-        image = IndexedImage(repository, manifest.digest, manifest.data, config, index_data, index)
+        image = IndexedImage(repository, manifest.digest, manifest.data, config, index_data, index, verified=True)
         self._remember(image)
         return IndexReport(image, "computed", seconds, chunked, pushed)
 
@@ -219,6 +231,8 @@ class Indexer:
         with self._lock:
             images = list(self._decoded.values())
         for image in images:
+            if not image.verified:
+                continue  # an index from the registry may list any ids for a layer digest
             for layer in image.index.layers:
                 if layer.digest == digest and image.index.params == DEFAULT_PARAMS:
                     ids = _layer_ids(layer)
@@ -270,28 +284,47 @@ class Indexer:
     # --- refilling the store ------------------------------------------------------------------------------------
 
     def ensure_chunks(self, image: IndexedImage, ids: list[bytes]) -> None:
-        """Makes sure the store holds `ids` (chunks of `image`), re-chunking the layer blobs that hold missing ones."""
-        missing = set(ids) - self.store.has_many(ids)
-        if not missing:
+        """Makes sure the store holds `ids` (chunks of `image`) and that they really are chunks of it: layer blobs
+        that hold missing ones are re-chunked, and so are the layers of an unverified index that `ids` touch."""
+        wanted = set(ids)
+        missing = wanted - self.store.has_many(ids)
+        if not missing and image.verified:
             return
         for descriptor, layer in zip(_manifest_layers(image), image.index.layers):
-            if any(cid in missing for cid, _ in layer.all_chunks()):
+            layer_ids = layer.chunk_ids()
+            if layer_ids & missing or (not image.verified and layer_ids & wanted and not self._is_verified(layer)):
                 self._layers.do(layer.digest, lambda: self._rechunk(image, descriptor, layer))
-        still = set(ids) - self.store.has_many(ids)
+        still = wanted - self.store.has_many(ids)
         if still:
             raise RegistryFailed(f"{len(still)} chunks of {image.repository}@{image.manifest_digest} are in no "
                                  "layer of the image: its index is wrong")
-        self.store.put_image(image.repository, image.manifest_digest, image.index_data, image.manifest,
-                             image.config, complete=True)
+        if image.verified or all(self._is_verified(layer) for layer in image.index.layers):
+            self.store.put_image(image.repository, image.manifest_digest, image.index_data, image.manifest,
+                                 image.config, complete=True)
+            if not image.verified:
+                self._remember(dataclasses.replace(image, verified=True))
+
+    def _is_verified(self, layer: LayerIndex) -> bool:
+        with self._lock:
+            return _layer_key(layer) in self._verified_layers
 
     def _rechunk(self, image: IndexedImage, descriptor: dict[str, Any], expected: LayerIndex) -> None:
-        if set(_layer_ids(expected)) <= self.store.has_many(_layer_ids(expected)):
+        if self._is_verified(expected) and set(_layer_ids(expected)) <= self.store.has_many(_layer_ids(expected)):
             return  # a concurrent flight for another image sharing this layer already refilled it
         layer = self._index_layer(image.repository, descriptor, image.index.params)
         self.metrics.inc("chunksync_layers_rechunked_total")
         if layer.chunks.ids != expected.chunks.ids or layer.header_chunks.ids != expected.header_chunks.ids:
             raise RegistryFailed(f"the index of {image.repository}@{image.manifest_digest} does not match layer "
                                  f"{descriptor['digest']}: delete that index from the registry to have it rebuilt")
+        with self._lock:
+            self._verified_layers.add(_layer_key(expected))
+
+
+def _layer_key(layer: LayerIndex) -> tuple[str, bytes]:
+    """A layer digest and the ids an index says it chunks into: verified together, never the digest alone."""
+    ids = hashlib.sha256(bytes(layer.header_chunks.ids))
+    ids.update(bytes(layer.chunks.ids))
+    return layer.digest, ids.digest()
 
 
 def _layer_ids(layer: LayerIndex) -> list[bytes]:
