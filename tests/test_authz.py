@@ -157,12 +157,8 @@ def test_forged_index_in_a_writable_repository_gets_no_chunk_of_b(world: dict) -
     for path, request in (("/v1/sync", SyncRequest(WRITABLE, world["evil"]).encode()),
                           ("/v1/chunks", ChunksRequest(WRITABLE, world["evil"], b"".join(victim)).encode())):
         response = post(server.url, path, request, device)
-        if response.status_code == 200:
-            answer = Answer(response)
-            assert not set(answer.ids) & only, "chunks of B went out through a forged index of A"
-            assert answer.error is not None or answer.end is not None
-        else:
-            assert_error(response, 502, "does not match layer")
+        assert response.status_code != 200 or not set(Answer(response).ids) & only, "B's chunks went out"
+        assert_error(response, 502, "does not match layer")
     for cid in victim[:3]:
         response = httpx.get(f"{server.url}/v1/chunks/{cid.hex()}?repository={WRITABLE}&manifest={world['evil']}",
                              headers={"Authorization": device})
