@@ -259,7 +259,8 @@ class Pull:
             try:
                 pairs = decode_chunks(frame.payload, self.dctx)
             except ProtocolError as exc:
-                self.report.chunks_rejected += len(frame.payload.get("ids", b"")) // ID_SIZE
+                ids = frame.payload.get("ids")  # a lying frame's ids may be of any type
+                self.report.chunks_rejected += len(ids) // ID_SIZE if isinstance(ids, bytes) else 0
                 self.warn(f"a CHUNKS frame was damaged ({exc}); its chunks will be asked for again")
                 continue
             good = [(cid, data) for cid, data in pairs if wanted.get(cid) == len(data) and chunk_id(data) == cid]
