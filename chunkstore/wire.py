@@ -14,7 +14,8 @@ from .bloom import MAX_FILTER_BYTES, BloomFilter, BloomFormatError
 from .compression import DecompressionError, decompress_exact
 from .index import ID_SIZE
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2         # what this side speaks; version 2 adds deltas (DELTA frames, index_delta)
+SUPPORTED_VERSIONS = (1, 2)   # a version-1 request gets a version-1 answer: no DELTA frames, a plain index
 SYNC_MEDIA_TYPE = "application/vnd.chunksync.sync.v1+msgpack"
 CHUNKS_MEDIA_TYPE = "application/vnd.chunksync.chunks.v1+msgpack"
 FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
@@ -22,10 +23,13 @@ FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
 FRAME_VERSION = 1
 FRAME_HEADER = 1   # manifest, config, chunk index
 FRAME_CHUNKS = 2   # whole chunks, zstd-compressed together
-FRAME_DELTA = 3    # reserved: chunks encoded against chunks the device holds (not sent by v1 servers)
+FRAME_DELTA = 3    # chunks encoded against content of an image the device holds (version-2 answers only)
 FRAME_ERROR = 14   # the server failed mid-stream; what arrived before stays valid
 FRAME_END = 15     # the stream is complete
-KNOWN_FRAMES = {FRAME_HEADER, FRAME_CHUNKS, FRAME_ERROR, FRAME_END}
+KNOWN_FRAMES = {FRAME_HEADER, FRAME_CHUNKS, FRAME_DELTA, FRAME_ERROR, FRAME_END}
+DELTA_CONTENT = 0  # DELTA item kinds: content chunks as one zstd frame with the base bytes as raw dictionary
+DELTA_HEADERS = 1  # a layer's whole header stream as a header delta (chunkstore/headerdelta.py)
+MAX_DELTA_BYTES = 64 << 20  # target and base of one DELTA item: the decoder holds both
 
 _PREFIX = struct.Struct(">BBI")  # version, type, payload length
 MAX_FRAME_PAYLOAD = 300 << 20     # a header frame carries the index: allow big images, refuse absurd lengths
@@ -53,10 +57,11 @@ class SyncRequest:
     platform: str = "linux/amd64"
     have_images: list[tuple[str, str]] = field(default_factory=list)  # (repository, manifest digest)
     bloom: BloomFilter | None = None
+    version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta
 
     def encode(self) -> bytes:
         return msgpack.packb({
-            "v": PROTOCOL_VERSION, "repository": self.repository, "reference": self.reference,
+            "v": self.version, "repository": self.repository, "reference": self.reference,
             "platform": self.platform, "have_images": [list(pair) for pair in self.have_images],
             "bloom": self.bloom.to_obj() if self.bloom else None,
         }, use_bin_type=True)
@@ -69,7 +74,8 @@ class ChunksRequest:
     ids: bytes                          # concatenated 32-byte chunk ids
 
     def encode(self) -> bytes:
-        return msgpack.packb({"v": PROTOCOL_VERSION, "repository": self.repository,
+        # Unchanged since version 1: say 1, so version-1 servers take it too.
+        return msgpack.packb({"v": 1, "repository": self.repository,
                               "manifest_digest": self.manifest_digest, "ids": self.ids}, use_bin_type=True)
 
 
@@ -83,9 +89,9 @@ def _load_map(body: bytes, what: str) -> dict:
         raise ProtocolError(f"{what} is not valid msgpack: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(obj).__name__}")
-    if obj.get("v") != PROTOCOL_VERSION:
+    if obj.get("v") not in SUPPORTED_VERSIONS or isinstance(obj.get("v"), bool):
         raise ProtocolError(f"{what}: protocol version {str(obj.get('v'))[:20]} is not supported "
-                            f"(this server speaks {PROTOCOL_VERSION})")
+                            f"(this server speaks {', '.join(map(str, SUPPORTED_VERSIONS))})")
     return obj
 
 
@@ -131,7 +137,7 @@ def decode_sync_request(body: bytes) -> SyncRequest:
     return SyncRequest(
         repository=_checked(oci.validate_repository, _str(obj, "repository", what), what),
         reference=_checked(oci.validate_reference, _str(obj, "reference", what), what),
-        platform=platform, have_images=pairs, bloom=bloom)
+        platform=platform, have_images=pairs, bloom=bloom, version=obj["v"])
 
 
 def decode_chunks_request(body: bytes) -> ChunksRequest:
@@ -183,6 +189,49 @@ def batch_chunks(chunks: Iterable[tuple[bytes, bytes]], cctx: zstandard.ZstdComp
         size += len(data)
     if batch:
         yield encode_chunks(batch, cctx)
+
+
+@dataclass(frozen=True)
+class DeltaItem:
+    """Chunks of the target image encoded against bytes of the base image (docs/PROTOCOL.md, "DELTA")."""
+    kind: int          # DELTA_CONTENT or DELTA_HEADERS
+    layer: int         # target: layer of the target image
+    first: int         # content: first content chunk of the target range; headers: 0
+    count: int         # content: chunks in the range; headers: the layer's header chunks
+    base_layer: int    # base: layer of the base image
+    base_first: int    # content: first content chunk of the base range; headers: 0
+    base_count: int    # content: chunks in the base range; headers: the base layer's header chunks
+    data: bytes        # content: a zstd frame; headers: msgpack map of the header delta
+
+    def to_obj(self) -> list:
+        return [self.kind, self.layer, self.first, self.count, self.base_layer, self.base_first, self.base_count,
+                self.data]
+
+
+def encode_delta(base: tuple[str, str], items: list[DeltaItem]) -> bytes:
+    """One DELTA frame: items encoded against the image `base` = (repository, manifest digest)."""
+    return encode_frame(FRAME_DELTA, {"base": list(base), "items": [item.to_obj() for item in items]})
+
+
+def decode_delta(payload: dict) -> tuple[tuple[str, str], list[DeltaItem]]:
+    """The base image and items of a DELTA frame, their types and ranges checked (not their bytes)."""
+    base, items = payload.get("base"), payload.get("items")
+    if not (isinstance(base, list) and len(base) == 2 and all(isinstance(x, str) for x in base)):
+        raise ProtocolError("delta frame: base must be [repository, manifest digest]")
+    base_ref = (_checked(oci.validate_repository, base[0], "delta frame"),
+                _checked(oci.validate_digest, base[1], "delta frame"))
+    if not isinstance(items, list):
+        raise ProtocolError("delta frame: items must be a list")
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 8 and isinstance(item[7], bytes)
+                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in item[:7])):
+            raise ProtocolError("delta frame: an item must be [kind, layer, first, count, base_layer, base_first, "
+                                "base_count, data]")
+        if item[0] not in (DELTA_CONTENT, DELTA_HEADERS):
+            raise ProtocolError(f"delta frame: unknown item kind {item[0]}")
+        out.append(DeltaItem(*item))
+    return base_ref, out
 
 
 def encode_error(code: str, message: str) -> bytes:

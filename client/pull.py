@@ -13,8 +13,10 @@ from chunkstore.index import ID_SIZE, ImageIndex, IndexFormatError, LayerIndex, 
 from chunkstore.oci import DigestMismatch, ImageRef, is_loopback_host
 from chunkstore.reassemble import ReassemblyError, reassemble_to_file, write_layer
 from chunkstore.store import CorruptChunk, LocalStore
+from chunkstore.delta import DeltaError
 from chunkstore.wire import (
     FRAME_CHUNKS,
+    FRAME_DELTA,
     FRAME_END,
     FRAME_ERROR,
     FRAME_HEADER,
@@ -24,10 +26,12 @@ from chunkstore.wire import (
     ProtocolError,
     SyncRequest,
     decode_chunks,
+    decode_delta,
 )
 from client.registry import Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError, Unauthorized
 
 from .auth import Credentials
+from .deltas import DeltaApplier
 from .fallback import fetch_image, pull_layer
 from .haveset import build_have_set
 from .layout import LayerBlob, Layout, LayoutTarget, build_manifest
@@ -74,6 +78,10 @@ class PullReport:
     repair_chunks: int = 0             # chunks received in the repair round
     have_images: int = 0
     bloom_bytes: int = 0
+    delta_items: int = 0               # DELTA items applied (changed files and header streams rebuilt from old ones)
+    delta_chunks: int = 0              # verified chunks those items delivered
+    delta_rejected: int = 0            # items refused or undecodable (their chunks asked for again, plainly)
+    index_delta_bytes: int = 0         # the index came as a delta against a held image (0: whole index)
     registry_layers: int = 0           # layers pulled plainly from the registry
     layers: int = 0
     output: str | None = None
@@ -123,6 +131,7 @@ class Pull:
             username=creds.username if creds else None, password=creds.password if creds else None)
         self.api = ServerApi(options.server, self.traffic, creds.basic() if creds else None)
         self.registry_reachable = True
+        self.deltas = DeltaApplier(self.store, [])
 
     def warn(self, message: str) -> None:
         self.report.warnings.append(message)
@@ -199,6 +208,7 @@ class Pull:
         repo = self.ref.repository
         have = build_have_set(self.store, repo, self.options.fp_rate, expected.digest if expected else None)
         self.report.have_images, self.report.bloom_bytes = len(have.images), have.bloom_bytes
+        self.deltas = DeltaApplier(self.store, have.images)
         # Ask by digest when the registry told us one: the server then cannot answer for another version.
         reference = expected.digest if expected else self.ref.reference
         request = SyncRequest(repo, reference, self.options.platform, have.images, have.bloom)
@@ -239,7 +249,11 @@ class Pull:
         if expected is None and self.ref.digest and self.ref.digest not in (digest, payload.get("index_digest")):
             raise VerificationError(f"the server answered with {digest}, not the requested {self.ref.digest}")
         image = verify_image(self.ref.repository, digest, manifest, config)
-        index = decode_index(index_data)
+        if "index_delta" in payload:
+            index = self._index_from_delta(payload)
+            index_data = index.encode()
+        else:
+            index = decode_index(index_data)
         verify_index(image, index)
         self.report.manifest_digest, self.report.config_digest = digest, image.config_digest
         self.report.full_pull_bytes = image.full_pull_bytes
@@ -248,12 +262,45 @@ class Pull:
             self.store.put_image(image.repository, digest, index_data, manifest, config, complete=False)
         return image, index, index_data
 
+    def _index_from_delta(self, payload: dict) -> ImageIndex:
+        base = payload.get("index_base")
+        if not (isinstance(base, list) and len(base) == 2 and all(isinstance(x, str) for x in base)):
+            raise ProtocolError("HEADER frame: index_base must be [repository, manifest digest]")
+        delta = payload["index_delta"]
+        try:
+            index = self.deltas.index((base[0], base[1]), delta)
+        except (DeltaError, IndexFormatError) as exc:
+            raise ProtocolError(f"the index delta against {base[0]}@{base[1]} is unusable: {exc}") from None
+        self.report.index_delta_bytes = len(delta["data"])
+        return index
+
+    def _apply_deltas(self, payload: dict, index: ImageIndex, wanted: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+        """The verified chunks of a DELTA frame; refused or undecodable items are asked for again, plainly."""
+        base, items = decode_delta(payload)
+        good: list[tuple[bytes, bytes]] = []
+        for item in items:
+            try:
+                pairs = self.deltas.apply(base, item, index)
+            except DeltaError as exc:
+                self.report.delta_rejected += 1
+                self.warn(f"a delta item was refused or damaged ({exc}); its chunks will be asked for again")
+                continue
+            self.report.delta_items += 1
+            self.report.delta_chunks += len(pairs)
+            good += [(cid, data) for cid, data in pairs if cid in wanted]
+        return good
+
     def _receive(self, frames, index: ImageIndex, repair: bool = False) -> bool:
         """Stores every verified chunk of `index` as its frame arrives; True if the answer reached END."""
         wanted = self._lengths(index)
         for frame in frames:
             if frame.type == FRAME_END:
                 return True
+            if frame.type == FRAME_DELTA and not repair:
+                good = self._apply_deltas(frame.payload, index, wanted)
+                self.store.put_many(good, verify=False)  # each verified against its id in _apply_deltas
+                self.progress.advance(sum(len(data) for _, data in good))
+                continue
             if frame.type != FRAME_CHUNKS:
                 raise self._unexpected(frame, "CHUNKS or END")
             try:

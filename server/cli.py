@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--events-token", default=os.environ.get("CHUNKSYNC_EVENTS_TOKEN"), metavar="TOKEN",
                        help="require `Authorization: Bearer TOKEN` on POST /v1/events (env CHUNKSYNC_EVENTS_TOKEN)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--no-deltas", action="store_true",
+                       help="send changed content as whole chunks only, never as deltas against a device's old files")
     serve.set_defaults(func=run_serve)
 
     index = subparsers.add_parser("index", help="index an image now and push its chunk index to the registry",
@@ -75,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host, port = _split_listen(args.listen)
         config = ServerConfig(registry_url=args.registry, store_dir=args.store, registry_user=args.registry_user,
                               registry_password=args.registry_password, push_indexes=not args.no_push,
-                              events_token=args.events_token)
+                              events_token=args.events_token, deltas=not args.no_deltas)
     except ValueError as exc:
         return _fail("serve", str(exc), 2)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

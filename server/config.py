@@ -30,6 +30,7 @@ class ServerConfig:
     chunks_frame_bytes: int = wire.CHUNKS_FRAME_TARGET
     zstd_level: int = 3
     index_workers: int = 2                  # background indexing threads (push notifications)
+    deltas: bool = True                     # send changed files as deltas against a held image (protocol v2)
 
     def __post_init__(self) -> None:
         if not self.registry_url.startswith(("http://", "https://")):

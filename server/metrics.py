@@ -18,6 +18,11 @@ _HELP = {
     "chunksync_layers_rechunked_total": ("counter", "layers chunked again to refill the store for a found index"),
     "chunksync_events_total": ("counter", "registry notification events by outcome: indexed, ignored (not an image push), artifact (not an image), failed"),
     "chunksync_index_failures_total": ("counter", "indexing attempts that failed"),
+    "chunksync_delta_pairs_total": ("counter", "(old image, new image) deltas asked for, by outcome: computed or cached"),
+    "chunksync_delta_compute_seconds": ("summary", "time spent computing the deltas of an image pair"),
+    "chunksync_delta_items_sent_total": ("counter", "DELTA items sent to devices"),
+    "chunksync_delta_bytes_sent_total": ("counter", "encoded bytes of the DELTA items sent"),
+    "chunksync_index_delta_bytes_total": ("counter", "bytes of index deltas sent in place of whole indexes"),
 }
 
 
@@ -69,7 +74,8 @@ def _number(value: float) -> str:
 
 
 def _is_labelled(name: str) -> bool:
-    return name in {"chunksync_requests_total", "chunksync_indexes_found_total", "chunksync_events_total"}
+    return name in {"chunksync_requests_total", "chunksync_indexes_found_total", "chunksync_events_total",
+                    "chunksync_delta_pairs_total"}
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import msgpack
+
 from chunkstore.index import ID_SIZE
 from chunkstore.oci import IMAGE_MANIFEST_TYPES
 from chunkstore.store import LocalStore
@@ -15,11 +17,13 @@ from client.registry import Manifest, Platform, RegistryClient
 
 from .access import AccessChecker
 from .config import ServerConfig
+from .deltacache import DeltaCache
+from .deltasync import DeltaAnswer, DeltaSource
 from .errors import BadRequest, TooLarge, UnknownImage, as_api_error
 from .events import PushedImage, is_artifact
 from .indexer import IndexedImage, Indexer
 from .metrics import Metrics
-from .sync import Plan, plan_chunks, stream_frames
+from .sync import DeltaFrames, Plan, plan_chunks, stream_frames
 
 log = logging.getLogger("chunksync.server")
 
@@ -33,6 +37,7 @@ class Service:
                                        password=config.registry_password)
         self.access = AccessChecker(config.registry_url, config.auth_ttl)
         self.indexer = Indexer(self.store, self.registry, self.metrics, push=config.push_indexes)
+        self.deltas = DeltaSource(self.store, self.indexer, DeltaCache(config.store_dir), self.metrics)
         self._background = ThreadPoolExecutor(config.index_workers, thread_name_prefix="chunksync-index")
 
     def close(self) -> None:
@@ -50,6 +55,7 @@ class Service:
         manifest = self.registry.get_manifest(request.repository, request.reference, request.platform)
         image = self.indexer.get(request.repository, manifest.digest, manifest)
         have: set[bytes] = set()
+        held: list[IndexedImage] = []
         for repository, digest in request.have_images:
             # Only images the device may pull count: otherwise what gets skipped would reveal what they hold.
             if not self.access.allowed(authorization, repository, digest):
@@ -57,13 +63,36 @@ class Service:
             other = self.indexer.find(repository, digest)
             if other is not None:
                 have |= other.ids
+                held.append(other)
         plan = plan_chunks((cid for cid, _ in image.ordered_chunks()), have, request.bloom)
+        delta = self._delta_answer(request, image, held, plan)
+        if delta is not None:
+            plan = Plan([cid for cid in plan.ids if cid not in delta.covered], plan.skipped)
         self.indexer.ensure_chunks(image, plan.ids)
         extra = {"platform": _platform_of(image, request.platform)}
         if manifest.index_digest:
             extra["index_digest"] = manifest.index_digest
+        if delta is not None:
+            # The index as a delta against the base's: a few KB instead of 36 bytes per chunk.
+            extra["index_base"] = [delta.base.repository, delta.base.manifest_digest]
+            extra["index_delta"] = msgpack.unpackb(delta.index_delta, raw=False)
+            self.metrics.inc("chunksync_index_delta_bytes_total", len(delta.index_delta))
+            header = encode_header(image.manifest_digest, manifest.data, image.config, b"", **extra)
+            return self._frames(plan, header, lambda counts: self.deltas.frames(delta, image, counts))
         header = encode_header(image.manifest_digest, manifest.data, image.config, image.index_data, **extra)
         return self._frames(plan, header)
+
+    def _delta_answer(self, request: SyncRequest, image: IndexedImage, held: list[IndexedImage],
+                      plan: Plan) -> DeltaAnswer | None:
+        """Deltas against the first held image of the same repository (else any held image): only images the device
+        holds completely and may pull, whose index the server has, are ever a base, never a Bloom hit."""
+        if request.version < 2 or not self.config.deltas:
+            return None
+        candidates = [other for other in held if other.manifest_digest != image.manifest_digest]
+        candidates.sort(key=lambda other: other.repository != request.repository)  # stable: the device's order
+        if not candidates:
+            return None
+        return self.deltas.answer(candidates[0], image, plan.ids)
 
     def prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
         """The repair round: exactly the asked ids, which must all be chunks of the named image."""
@@ -78,9 +107,9 @@ class Service:
         self.indexer.ensure_chunks(image, plan.ids)
         return self._frames(plan, None)
 
-    def _frames(self, plan: Plan, header: bytes | None) -> Iterator[bytes]:
+    def _frames(self, plan: Plan, header: bytes | None, deltas: DeltaFrames | None = None) -> Iterator[bytes]:
         return stream_frames(self.store, plan, self.metrics, header=header, level=self.config.zstd_level,
-                             frame_bytes=self.config.chunks_frame_bytes)
+                             frame_bytes=self.config.chunks_frame_bytes, deltas=deltas)
 
     def chunk(self, repository: str, digest: str, cid: bytes, authorization: str | None,
               etag_only: bool = False) -> bytes | None:

@@ -3,7 +3,7 @@ have-set, streamed chunk by chunk from the store so memory stays at about one CH
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import zstandard
@@ -34,15 +34,19 @@ def plan_chunks(ordered: Iterable[bytes], have: set[bytes], bloom: BloomFilter |
     return Plan(wanted, len(ordered) - len(wanted))
 
 
+DeltaFrames = Callable[[dict[str, int]], Iterator[bytes]]
+
+
 def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: bytes | None = None,
-                  level: int = 3, frame_bytes: int = 4 << 20) -> Iterator[bytes]:
-    """HEADER (if given), CHUNKS frames of about `frame_bytes`, END; an ERROR frame instead of END on failure.
+                  level: int = 3, frame_bytes: int = 4 << 20, deltas: DeltaFrames | None = None) -> Iterator[bytes]:
+    """HEADER (if given), DELTA frames (if `deltas`; it counts what it sends), CHUNKS frames of about
+    `frame_bytes`, END; an ERROR frame instead of END on failure.
 
     Blocking (store reads, zstd): iterate it in a worker thread.
     """
     if header is not None:
         yield header
-    counts = {"chunks": 0, "bytes": 0}
+    counts = {"chunks": 0, "bytes": 0, "delta_items": 0, "delta_bytes": 0}
 
     def chunks() -> Iterator[tuple[bytes, bytes]]:
         for cid in plan.ids:
@@ -52,6 +56,8 @@ def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: by
             yield cid, data
 
     try:
+        if deltas is not None:
+            yield from deltas(counts)
         yield from batch_chunks(chunks(), zstandard.ZstdCompressor(level=level), frame_bytes)
     except Exception as exc:
         error = as_api_error(exc)
@@ -61,5 +67,9 @@ def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: by
     finally:
         metrics.inc("chunksync_chunks_sent_total", counts["chunks"])
         metrics.inc("chunksync_chunk_bytes_sent_total", counts["bytes"])
+        metrics.inc("chunksync_delta_items_sent_total", counts["delta_items"])
+        metrics.inc("chunksync_delta_bytes_sent_total", counts["delta_bytes"])
     metrics.inc("chunksync_chunks_skipped_total", plan.skipped)
-    yield encode_end(chunks=counts["chunks"], bytes=counts["bytes"], skipped=plan.skipped)
+    if deltas is None:
+        del counts["delta_items"], counts["delta_bytes"]
+    yield encode_end(**counts, skipped=plan.skipped)

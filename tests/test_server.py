@@ -100,7 +100,8 @@ def test_first_sync_sends_every_chunk_in_index_order(server: ServerProcess, regi
 
 def test_v2_after_v1_sends_only_changed_chunks(server: ServerProcess, versions: Versions) -> None:
     v1 = index_of(sync(server, "v1"))
-    answer = sync(server, "v2", have_images=[(REPO, versions.v1)])
+    # Version 1 (no deltas): whole changed chunks. tests/test_delta_e2e.py covers version 2.
+    answer = sync(server, "v2", have_images=[(REPO, versions.v1)], version=1)
     v2 = index_of(answer)
     assert answer.header is not None and answer.header["manifest_digest"] == versions.v2
     expected = [cid for cid in in_order(v2) if cid not in v1.chunk_ids()]
@@ -186,7 +187,7 @@ def _sync_body(**fields: object) -> bytes:
 BAD_SYNCS = [
     (b"\xc1\xc1 not msgpack", 400, "not valid msgpack"),
     (msgpack.packb([1, 2, 3]), 400, "map"),
-    (_sync_body(v=2), 400, "version"),
+    (_sync_body(v=3), 400, "version"),
     (_sync_body(repository=7), 400, "'repository' must be a string"),
     (_sync_body(repository="../../etc/passwd"), 400, "invalid repository"),
     (_sync_body(repository="server/../app"), 400, "invalid repository"),

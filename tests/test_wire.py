@@ -64,7 +64,7 @@ BAD_SYNC = {
     "not a map": msgpack.packb([1, 2]),
     "trailing bytes": sync() + b"x",
     "no version": sync(v=DROP),
-    "version 2": sync(v=2),
+    "version 3": sync(v=3),
     "repository missing": sync(repository=DROP),
     "repository as bytes": sync(repository=b"library/app"),
     "traversal in repository": sync(repository="../../etc/passwd"),
@@ -178,7 +178,7 @@ def test_every_truncation_is_refused_except_at_frame_boundaries() -> None:
 
 @pytest.mark.parametrize("prefix,why", [
     (struct.pack(">BBI", 2, FRAME_END, 1), "frame version 2"),
-    (struct.pack(">BBI", 1, 3, 1), "frame type 3"),   # DELTA is reserved, not sent by v1 servers
+    (struct.pack(">BBI", 1, 4, 1), "frame type 4"),
     (struct.pack(">BBI", 1, 99, 1), "frame type 99"),
     (struct.pack(">BBI", 1, FRAME_END, MAX_FRAME_PAYLOAD + 1), "exceeds the limit"),
     (struct.pack(">BBI", 1, FRAME_END, 0xFFFFFFFF), "exceeds the limit"),

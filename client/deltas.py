@@ -1,0 +1,96 @@
+"""Applying what a version-2 server encodes against an image the device holds: the index delta in HEADER and the
+items of DELTA frames, rebuilt from the store's own old chunks and cut into verified chunks of the new index."""
+from __future__ import annotations
+
+import msgpack
+
+from chunkstore.delta import DeltaError, zstd_decode
+from chunkstore.headerdelta import decode_headers
+from chunkstore.index import ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
+from chunkstore.indexdelta import decode_index_delta
+from chunkstore.store import CorruptChunk, LocalStore
+from chunkstore.wire import DELTA_HEADERS, MAX_DELTA_BYTES, DeltaItem
+
+
+class BaseNotHeld(DeltaError):
+    """A delta against an image the device did not name or does not hold completely: refused, never guessed."""
+
+
+class DeltaApplier:
+    def __init__(self, store: LocalStore, named: list[tuple[str, str]]) -> None:
+        self.store = store
+        self.named = set(named)  # the have_images this device sent: the only bases it accepts
+        self._bases: dict[tuple[str, str], ImageIndex] = {}
+
+    def base(self, ref: tuple[str, str]) -> ImageIndex:
+        """The index of a base image the device named and holds completely."""
+        if ref in self._bases:
+            return self._bases[ref]
+        record = self.store.get_image(*ref) if ref in self.named else None
+        if record is None or not record.complete:
+            raise BaseNotHeld(f"a delta against {ref[0]}@{ref[1]}, which this device does not hold completely")
+        try:
+            index = decode_index(record.index_data)
+        except IndexFormatError as exc:
+            raise BaseNotHeld(f"the store's index of base {ref[0]}@{ref[1]} is damaged: {exc}") from None
+        self._bases[ref] = index
+        return index
+
+    def index(self, ref: tuple[str, str], delta: object) -> ImageIndex:
+        """The new index from HEADER's index_delta against `ref` (IndexFormatError if it does not decode)."""
+        return decode_index_delta(delta, self.base(ref))
+
+    def apply(self, ref: tuple[str, str], item: DeltaItem, new: ImageIndex) -> list[tuple[bytes, bytes]]:
+        """The verified (chunk id, bytes) pairs an item delivers; DeltaError if it is refused or does not decode."""
+        base = self.base(ref)
+        if item.layer >= len(new.layers) or item.base_layer >= len(base.layers):
+            raise DeltaError(f"a delta item names layer {item.layer} (base {item.base_layer}) that does not exist")
+        layer, old = new.layers[item.layer], base.layers[item.base_layer]
+        if item.kind == DELTA_HEADERS:
+            if item.count != len(layer.header_chunks) or item.base_count != len(old.header_chunks):
+                raise DeltaError("a header delta must cover whole header streams")
+            targets = list(layer.header_chunks)
+            old_bytes = self._bytes(old.header_chunks, 0, len(old.header_chunks))
+            size = _size(targets)
+            try:
+                fields = msgpack.unpackb(item.data, raw=False, max_bin_len=MAX_DELTA_BYTES)
+            except Exception as exc:  # msgpack raises many types on malformed input
+                raise DeltaError(f"a header delta is not msgpack: {str(exc)[:100]}") from None
+            if not isinstance(fields, dict):
+                raise DeltaError("a header delta must be a map")
+            data = decode_headers(fields, size, layer.runs, old_bytes, old.runs)
+        else:
+            if item.first + item.count > len(layer.chunks) or item.base_first + item.base_count > len(old.chunks):
+                raise DeltaError("a delta item's chunk range is outside its layer")
+            targets = [(layer.chunks.id_at(i), layer.chunks.lengths[i]) for i in range(item.first, item.first + item.count)]
+            size = _size(targets)
+            data = zstd_decode(item.data, self._bytes(old.chunks, item.base_first, item.base_count), size)
+        return _cut(data, targets)
+
+    def _bytes(self, chunks: ChunkList, first: int, count: int) -> bytes:
+        if sum(chunks.lengths[first:first + count]) > MAX_DELTA_BYTES:
+            raise DeltaError(f"a delta base over {MAX_DELTA_BYTES} bytes")
+        # store.get verifies every chunk against its id: a base is exactly the bytes the index names.
+        try:
+            return b"".join(self.store.get(chunks.id_at(i)) for i in range(first, first + count))
+        except (KeyError, CorruptChunk) as exc:
+            raise BaseNotHeld(f"a base chunk is missing from the store or damaged: {exc}") from None
+
+
+def _size(targets: list[tuple[bytes, int]]) -> int:
+    size = sum(length for _, length in targets)
+    if size > MAX_DELTA_BYTES:
+        raise DeltaError(f"a delta target over {MAX_DELTA_BYTES} bytes")
+    return size
+
+
+def _cut(data: bytes, targets: list[tuple[bytes, int]]) -> list[tuple[bytes, bytes]]:
+    out, offset = [], 0
+    for cid, length in targets:
+        piece = data[offset:offset + length]
+        offset += length
+        if chunk_id(piece) != cid:
+            raise DeltaError(f"a delta decoded to bytes that do not hash to chunk {cid.hex()[:16]}…")
+        out.append((cid, piece))
+    return out
+

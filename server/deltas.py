@@ -1,0 +1,182 @@
+"""Choosing and encoding DELTA items for an (old image, new image) pair: each changed file against the old file of
+the same path (else the old chunks between the same unchanged neighbours), each changed header stream against
+the old one. Deterministic per pair, so the answer is computed once and cached (server/deltacache.py)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import msgpack
+
+from chunkstore.delta import MAX_BASE_BYTES, PathMatcher, header_entries, zstd_encode
+from chunkstore.headerdelta import encode_headers
+from chunkstore.index import ImageIndex, LayerIndex
+from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaItem
+
+GetChunk = Callable[[bytes], bytes]
+CONTENT_LEVEL = 10  # zstd level of content deltas, measured on the bench pairs (docs/PROTOCOL.md, "Deltas")
+HEADER_LEVEL = 9
+
+
+@dataclass(frozen=True)
+class Target:
+    """A planned item, before encoding: chunks [first, first+count) of the new layer against the base range."""
+    kind: int
+    layer: int
+    first: int
+    count: int
+    base_layer: int
+    base_first: int
+    base_count: int
+
+
+def run_ranges(layer: LayerIndex) -> list[tuple[int, int]]:
+    """[first, end) content chunk indexes of each run."""
+    ranges, position = [], 0
+    lengths = layer.chunks.lengths
+    for _, content_len in layer.run_pairs():
+        start, covered = position, 0
+        while covered < content_len:
+            covered += lengths[position]
+            position += 1
+        ranges.append((start, position))
+    return ranges
+
+
+def header_stream(layer: LayerIndex, get_chunk: GetChunk) -> bytes | None:
+    """A layer's header bytes, or None when they are over the delta size limit (then no path matching)."""
+    if layer.header_chunks.total() > MAX_BASE_BYTES:
+        return None
+    return b"".join(get_chunk(cid) for cid, _ in layer.header_chunks)
+
+
+def run_paths(layer: LayerIndex, header: bytes | None) -> dict[int, str]:
+    """Run index -> path of the file whose content it is (the last member header before the content)."""
+    if header is None:
+        return {}
+    paths: dict[int, str] = {}
+    for entry in header_entries(header, layer.runs):
+        if entry.path is not None and layer.runs[2 * entry.run + 1]:
+            paths[entry.run] = entry.path
+    return paths
+
+
+class Planner:
+    """Plans the items of one pair; `items()` encodes them one at a time (memory: one base and target)."""
+
+    def __init__(self, new: ImageIndex, old: ImageIndex, get_chunk: GetChunk) -> None:
+        self.new, self.old, self.get = new, old, get_chunk
+        self.old_ids = old.chunk_ids()
+        self._old_headers = [header_stream(layer, get_chunk) for layer in old.layers]
+        self._old_ranges = [run_ranges(layer) for layer in old.layers]
+        files: list[tuple[str, tuple[int, int]]] = []
+        for j in reversed(range(len(old.layers))):  # the topmost layer's file is the one the device sees
+            for run, path in run_paths(old.layers[j], self._old_headers[j]).items():
+                files.append((path, (j, run)))
+        self._files = PathMatcher(files)
+        # Where each old content chunk sits, for data without paths: the base is what lay between the neighbours.
+        self._where = {cid: (j, i) for j, layer in enumerate(old.layers)
+                       for i, (cid, _) in enumerate(layer.chunks)}
+
+    def targets(self) -> Iterator[tuple[Target, bytes | None]]:
+        """(target, the new layer's header stream) for every item worth sending."""
+        old_digests = {layer.digest for layer in self.old.layers}
+        for i, layer in enumerate(self.new.layers):
+            if layer.digest in old_digests or layer.chunk_ids() <= self.old_ids:
+                continue
+            header = header_stream(layer, self.get)
+            paths = run_paths(layer, header)
+            if header is not None and any(cid not in self.old_ids for cid, _ in layer.header_chunks):
+                base = self._header_base(paths)
+                if base is not None:
+                    yield Target(DELTA_HEADERS, i, 0, len(layer.header_chunks), base, 0,
+                                 len(self.old.layers[base].header_chunks)), header
+            for target in self._content_targets(i, layer, paths):
+                yield target, None
+
+    def _header_base(self, paths: dict[int, str]) -> int | None:
+        """The old layer sharing the most paths with the new one; None if none shares any."""
+        wanted = set(paths.values())
+        best, best_count = None, 0
+        for j, layer in enumerate(self.old.layers):
+            count = len(wanted & set(run_paths(layer, self._old_headers[j]).values()))
+            if count > best_count and self._old_headers[j] is not None:
+                best, best_count = j, count
+        return best
+
+    def _content_targets(self, i: int, layer: LayerIndex, paths: dict[int, str]) -> Iterator[Target]:
+        ids = [cid for cid, _ in layer.chunks]
+        lengths = layer.chunks.lengths
+        for run, (start, end) in enumerate(run_ranges(layer)):
+            position = start
+            while position < end:
+                if ids[position] in self.old_ids:
+                    position += 1
+                    continue
+                first = position
+                while position < end and ids[position] not in self.old_ids:
+                    position += 1
+                if sum(lengths[first:position]) > MAX_BASE_BYTES:
+                    continue  # too big to decode in bounded memory: plain chunks
+                base = self._file_base(paths.get(run)) or self._neighbour_base(ids, first, position)
+                if base is not None:
+                    yield Target(DELTA_CONTENT, i, first, position - first, *base)
+
+    def _file_base(self, path: str | None) -> tuple[int, int, int] | None:
+        found = self._files.find(path) if path is not None else None
+        if not isinstance(found, tuple):
+            return None
+        j, run = found
+        first, end = self._old_ranges[j][run]
+        if first == end or sum(self.old.layers[j].chunks.lengths[first:end]) > MAX_BASE_BYTES:
+            return None
+        return j, first, end - first
+
+    def _neighbour_base(self, ids: list[bytes], first: int, end: int) -> tuple[int, int, int] | None:
+        before = self._where.get(ids[first - 1]) if first > 0 else None
+        after = self._where.get(ids[end]) if end < len(ids) else None
+        if before and after and before[0] == after[0] and before[1] < after[1]:
+            j, lo, hi = before[0], before[1] + 1, after[1]
+        elif before:
+            j, lo = before[0], before[1] + 1
+            hi = min(lo + (end - first), len(self.old.layers[j].chunks))
+        elif after:
+            j, hi = after[0], after[1]
+            lo = max(0, hi - (end - first))
+        else:
+            return None
+        lengths = self.old.layers[j].chunks.lengths
+        while hi > lo and sum(lengths[lo:hi]) > MAX_BASE_BYTES:
+            hi -= 1
+        return (j, lo, hi - lo) if hi > lo else None
+
+    def encode(self, target: Target, header: bytes | None) -> DeltaItem:
+        if target.kind == DELTA_HEADERS:
+            assert header is not None
+            old_layer = self.old.layers[target.base_layer]
+            data = msgpack.packb(encode_headers(header, self.new.layers[target.layer].runs,
+                                                self._old_headers[target.base_layer] or b"", old_layer.runs,
+                                                HEADER_LEVEL), use_bin_type=True)
+        else:
+            new_layer, old_layer = self.new.layers[target.layer], self.old.layers[target.base_layer]
+            goal = b"".join(self.get(cid) for cid in _ids(new_layer, target.first, target.count))
+            base = b"".join(self.get(cid) for cid in _ids(old_layer, target.base_first, target.base_count))
+            data = zstd_encode(goal, base, CONTENT_LEVEL)
+        return DeltaItem(target.kind, target.layer, target.first, target.count, target.base_layer,
+                         target.base_first, target.base_count, data)
+
+    def items(self) -> Iterator[DeltaItem]:
+        for target, header in self.targets():
+            yield self.encode(target, header)
+
+
+def _ids(layer: LayerIndex, first: int, count: int) -> list[bytes]:
+    return [layer.chunks.id_at(i) for i in range(first, first + count)]
+
+
+def target_ids(new: ImageIndex, item: DeltaItem) -> list[bytes]:
+    """The chunk ids an item delivers."""
+    layer = new.layers[item.layer]
+    if item.kind == DELTA_HEADERS:
+        return [cid for cid, _ in layer.header_chunks]
+    return _ids(layer, item.first, item.count)

@@ -1,0 +1,123 @@
+"""Deltas end to end (protocol version 2): the real registry, the real `chunksync serve` and `chunksync pull`
+processes; changed files arrive encoded against the device's own old files, the index against its old index,
+and every layer is verified as usual. Tampering on the way is done by a real proxy (tests/delta_proxy.py)."""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from delta_proxy import CORRUPT_DELTA, REBASE_DELTA, DeltaProxy
+from helpers import Registry, build_image, push_image
+from pull_tools import ImagePair, pull, push_pair, skopeo_config_digest
+from server_process import ServerProcess
+from tarkit import make_tree, touched_copy
+from test_pull_e2e import layer_files_match_config
+
+REPO = "test/delta-e2e"
+
+
+@pytest.fixture(scope="module")
+def pair(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> ImagePair:
+    return push_pair(tmp_path_factory.mktemp("delta-images"), registry, REPO, 2_000_000, 800_000)
+
+
+@pytest.fixture(scope="module")
+def server(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with ServerProcess(registry.url, store=tmp_path_factory.mktemp("delta-server") / "store") as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def v1_store(pair: ImagePair, server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A device store holding v1 completely; tests pull v2 into copies of it."""
+    store = tmp_path_factory.mktemp("v1-device") / "store"
+    assert pull(pair.ref("v1"), server.url, store).report["path"] == "diff"
+    return store
+
+
+def device(v1_store: Path, tmp_path: Path, name: str = "store") -> Path:
+    shutil.copytree(v1_store, tmp_path / name)
+    return tmp_path / name
+
+
+def computed(server: ServerProcess) -> tuple[float, float]:
+    metrics = server.metrics()
+    return (metrics.get('chunksync_delta_pairs_total{outcome="computed"}', 0),
+            metrics.get('chunksync_delta_pairs_total{outcome="cached"}', 0))
+
+
+def test_v2_after_v1_sends_deltas_well_below_plain_chunks(pair: ImagePair, server: ServerProcess, v1_store: Path,
+                                                          registry: Registry, tmp_path: Path) -> None:
+    layout = tmp_path / "out"
+    report = pull(pair.ref("v2"), server.url, device(v1_store, tmp_path), "--out", f"oci:{layout}").report
+    assert report["path"] == "diff" and report["have_images"] == 1
+    assert report["delta_items"] > 0 and report["delta_rejected"] == 0
+    assert report["index_delta_bytes"] > 0  # the index came as a delta against v1's
+    assert report["config_digest"] == skopeo_config_digest(pair.ref("v2"))
+    layer_files_match_config(layout, "v2")
+
+    # The same pull from a server that sends whole changed chunks only.
+    with ServerProcess(registry.url, store=tmp_path / "plain-server", extra_args=["--no-deltas"]) as plain_server:
+        plain = pull(pair.ref("v2"), plain_server.url, device(v1_store, tmp_path, "plain")).report
+    assert plain["delta_items"] == 0 and plain["index_delta_bytes"] == 0
+    print(f"\nv2 after v1: {report['bytes_received']} bytes with deltas, {plain['bytes_received']} with whole "
+          f"chunks, {report['full_pull_bytes']} for a full pull")
+    assert report["bytes_received"] < 0.5 * plain["bytes_received"]
+
+
+def test_a_second_device_gets_the_cached_deltas(pair: ImagePair, server: ServerProcess, v1_store: Path,
+                                                tmp_path: Path) -> None:
+    first = pull(pair.ref("v2"), server.url, device(v1_store, tmp_path, "a")).report
+    computed_before, cached_before = computed(server)
+    assert computed_before == 1  # once for this pair, whichever test pulled it first
+    second = pull(pair.ref("v2"), server.url, device(v1_store, tmp_path, "b")).report
+    computed_after, cached_after = computed(server)
+    assert computed_after == 1 and cached_after == cached_before + 1
+    assert second["delta_items"] == first["delta_items"] > 0
+    assert second["bytes_received"] == pytest.approx(first["bytes_received"], abs=200)
+
+
+def test_a_delta_against_an_image_the_device_does_not_hold_is_refused(pair: ImagePair, server: ServerProcess,
+                                                                      v1_store: Path, tmp_path: Path) -> None:
+    # v2 itself as base: a real image, which this device does not hold (it holds v1 only).
+    with DeltaProxy(server.url, REBASE_DELTA, base=(REPO, pair.digests["v2"])) as proxy:
+        result = pull(pair.ref("v2"), proxy.url, device(v1_store, tmp_path), "--out", f"oci:{tmp_path / 'out'}")
+    report = result.report
+    assert proxy.tampered_items > 0
+    assert report["delta_items"] == 0 and report["delta_rejected"] == proxy.tampered_items
+    assert report["path"] == "repair" and report["repair_chunks"] > 0  # asked for again as plain chunks
+    assert "does not hold" in result.stderr
+    layer_files_match_config(tmp_path / "out", "v2")
+
+
+def test_a_corrupted_delta_is_repaired_with_plain_chunks(pair: ImagePair, server: ServerProcess, v1_store: Path,
+                                                         tmp_path: Path) -> None:
+    with DeltaProxy(server.url, CORRUPT_DELTA) as proxy:
+        result = pull(pair.ref("v2"), proxy.url, device(v1_store, tmp_path), "--out", f"oci:{tmp_path / 'out'}")
+    report = result.report
+    assert proxy.tampered_items == 1
+    assert report["delta_rejected"] == 1 and report["delta_items"] > 0
+    assert report["path"] == "repair" and report["repair_chunks"] > 0
+    assert "damaged" in result.stderr
+    layer_files_match_config(tmp_path / "out", "v2")
+
+
+def test_an_mtime_only_rebuild_sends_almost_nothing(registry: Registry, server: ServerProcess,
+                                                    tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree")
+    layout = build_image(tmp_path, [tree], "v1", layout=tmp_path / "layout")
+    build_image(tmp_path, [touched_copy(tree, tmp_path / "touched")], "v2", layout=layout)
+    for tag in ("v1", "v2"):
+        push_image(layout, tag, registry, "test/delta-mtime")
+    ref = f"{registry.host}/test/delta-mtime"
+    store = tmp_path / "store"
+    pull(f"{ref}:v1", server.url, store)
+    report = pull(f"{ref}:v2", server.url, store, "--out", f"oci:{tmp_path / 'out'}").report
+    print(f"\nmtime-only rebuild: {report['bytes_received']} bytes received of a {report['full_pull_bytes']} "
+          f"byte full pull")
+    assert report["path"] == "diff" and report["delta_items"] == 1 and report["chunks_received"] == 0
+    assert report["bytes_received"] < max(10_000, 0.02 * report["full_pull_bytes"])
+    layer_files_match_config(tmp_path / "out", "v2")
