@@ -3,7 +3,6 @@ so clearly, nothing corrupt or half-written stays behind, and once there is room
 downloads only what it lacks. Needs root to mount tmpfs; skipped with the reason otherwise."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -16,7 +15,8 @@ from chunkstore.index import decode_index
 from chunkstore.store import LocalStore
 from helpers import Registry, build_image, push_image, real_files
 from pull_tools import layout_images, pull, skopeo_config_digest
-from server_process import CHUNKSYNC, ServerProcess
+from server_process import ServerProcess
+from test_faults import store_verify
 
 
 def mount_tmpfs(path: Path, size: str) -> None:
@@ -66,18 +66,20 @@ def needed_ids(store: Path, digest: str) -> set[bytes]:
     return decode_index(record.index_data).chunk_ids()
 
 
+def fails_for_lack_of_space(ref: str, server: ServerProcess, store: Path, layout: Path, *words: str) -> None:
+    """A pull that runs out of space says so, and leaves no index.json naming blobs that are not there."""
+    full = pull(ref, server.url, store, "--out", f"oci:{layout}")
+    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
+    assert all(word in full.stderr for word in words), full.stderr
+    assert layout_images(layout) == {}
+
+
 def test_store_disk_full(image: tuple[str, str, str], server: ServerProcess, small_disk: Path,
                          tmp_path: Path) -> None:
     ref, digest, config = image
     store, layout = small_disk / "store", tmp_path / "out"
-    full = pull(ref, server.url, store, "--out", f"oci:{layout}")
-    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
-    assert "out of disk space" in full.stderr and "Free space" in full.stderr
-    assert layout_images(layout) == {}
-    # What the store holds is intact (the failed transaction left nothing behind).
-    verify = subprocess.run([str(CHUNKSYNC), "store", "verify", "--store", str(store), "--json"],
-                            capture_output=True, text=True)
-    assert verify.returncode == 0 and json.loads(verify.stdout)["bad"] == [], verify.stderr
+    fails_for_lack_of_space(ref, server, store, layout, "out of disk space", "Free space")
+    store_verify(store)  # what the store holds is intact: the failed transaction left nothing behind
     kept = set(LocalStore(store).ids())
 
     grow(small_disk, "64m")
@@ -91,10 +93,7 @@ def test_output_disk_full(image: tuple[str, str, str], server: ServerProcess, sm
                           tmp_path: Path) -> None:
     ref, digest, config = image
     store, layout = tmp_path / "store", small_disk / "out"
-    full = pull(ref, server.url, store, "--out", f"oci:{layout}")
-    assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
-    assert "No space left" in full.stderr and "free space" in full.stderr
-    assert layout_images(layout) == {}  # no index.json naming blobs that are not there
+    fails_for_lack_of_space(ref, server, store, layout, "No space left", "free space")
     assert not [p for p in layout.rglob("*") if p.name.endswith(".partial")]  # temporary files cleaned up
     os.sync()
 
