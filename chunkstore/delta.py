@@ -10,7 +10,7 @@ import zstandard
 
 from .compression import DecompressionError, decompress_exact
 
-MAX_BASE_BYTES = 64 << 20    # base and target of one delta: decoder memory stays about 2x this
+MAX_DELTA_BYTES = 64 << 20    # base and target of one delta: decoder memory stays about 2x this
 BLOCK = 512
 
 
@@ -142,8 +142,8 @@ def zstd_encode(target: bytes, base: bytes, level: int) -> bytes:
 
 def zstd_decode(data: bytes, base: bytes, size: int) -> bytes:
     """The `size` bytes `data` decodes to against `base`; DeltaError on anything else."""
-    if size > MAX_BASE_BYTES or len(base) > MAX_BASE_BYTES:
-        raise DeltaError(f"delta of {size} bytes on a base of {len(base)} bytes is over {MAX_BASE_BYTES}")
+    if size > MAX_DELTA_BYTES or len(base) > MAX_DELTA_BYTES:
+        raise DeltaError(f"delta of {size} bytes on a base of {len(base)} bytes is over {MAX_DELTA_BYTES}")
     dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if base else None
     dctx = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << 27)
     try:

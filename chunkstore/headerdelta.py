@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import zstandard
 
-from .delta import MAX_BASE_BYTES, BLOCK, DeltaError, Entry, PathMatcher, header_entries, zstd_decode, zstd_encode
+from .delta import BLOCK, MAX_DELTA_BYTES, DeltaError, Entry, PathMatcher, header_entries, zstd_decode, zstd_encode
 
 _MTIME = slice(136, 148)
 _CHKSUM = slice(148, 156)
@@ -261,7 +261,7 @@ def _base_mtimes(base_raw: np.ndarray, blocks: list[int], copied: np.ndarray) ->
 
 def encode_headers(new: bytes, new_runs: Sequence[int], old: bytes, old_runs: Sequence[int], level: int = 9) -> dict:
     """The header delta of `new` against `old` (each a layer's whole header stream with its index runs)."""
-    if len(new) > MAX_BASE_BYTES or len(old) > MAX_BASE_BYTES:
+    if len(new) > MAX_DELTA_BYTES or len(old) > MAX_DELTA_BYTES:
         raise DeltaError("header stream over the delta size limit")
     new_entries, old_entries = header_entries(new, new_runs), header_entries(old, old_runs)
     old_members = _members(old_entries)
@@ -291,7 +291,7 @@ def decode_headers(delta: dict, size: int, new_runs: Sequence[int], old: bytes, 
     ops_data, residual, fields = delta.get("ops"), delta.get("residual"), delta.get("fields")
     if not (isinstance(ops_data, bytes) and isinstance(residual, bytes) and fields in (0, 1)):
         raise DeltaError("header delta needs ops, residual and fields 0 or 1")
-    if size > MAX_BASE_BYTES or len(old) > MAX_BASE_BYTES:
+    if size > MAX_DELTA_BYTES or len(old) > MAX_DELTA_BYTES:
         raise DeltaError("header stream over the delta size limit")
     old_entries = header_entries(old, old_runs)
     old_members = _members(old_entries)

@@ -7,10 +7,9 @@ import struct
 from collections.abc import Iterator
 
 import msgpack
-import zstandard
 
 from .chunker import ALGORITHM
-from .compression import DecompressionError, decompress_exact
+from .delta import DeltaError, zstd_decode, zstd_encode
 from .index import ID_SIZE, MAX_INDEX_BYTES, ImageIndex, IndexFormatError, LayerIndex, decode_index
 
 _RUN = struct.Struct("<QQ")
@@ -51,27 +50,17 @@ def _layer_body(layer: LayerIndex) -> bytes:
 
 def encode_index_delta(new: ImageIndex, old: ImageIndex, level: int = LEVEL) -> dict:
     """`{size, data}`: the flat layout of `new` as one zstd frame with the flat layout of `old` as raw dictionary."""
-    target, base = flat(new), flat(old)
-    dictionary = zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, window_log=max(10, min(27, (len(base) + len(target)).bit_length())), source_size=len(target),
-        write_content_size=True, write_dict_id=False)
-    return {"size": len(target), "data": zstandard.ZstdCompressor(dict_data=dictionary,
-                                                                  compression_params=params).compress(target)}
+    target = flat(new)
+    return {"size": len(target), "data": zstd_encode(target, flat(old), level)}
 
 
 def decode_index_delta(delta: object, old: ImageIndex) -> ImageIndex:
     """The index an index delta encodes against `old`, validated like any index (IndexFormatError otherwise)."""
-    if not isinstance(delta, dict) or not isinstance(delta.get("size"), int) or not isinstance(delta.get("data"), bytes):
+    if not (isinstance(delta, dict) and isinstance(delta.get("size"), int) and isinstance(delta.get("data"), bytes)):
         raise IndexFormatError("index delta must be a map with size and data")
-    size = delta["size"]
-    if not 0 < size <= MAX_INDEX_BYTES:
-        raise IndexFormatError(f"index delta of {size} bytes is outside 1..{MAX_INDEX_BYTES}")
-    dictionary = zstandard.ZstdCompressionDict(flat(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     try:
-        raw = decompress_exact(zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << 27),
-                               delta["data"], size)
-    except DecompressionError as exc:
+        raw = zstd_decode(delta["data"], flat(old), delta["size"])
+    except DeltaError as exc:
         raise IndexFormatError(f"index delta does not decode against its base: {exc}") from None
     return _unflat(raw)
 

@@ -12,6 +12,7 @@ import zstandard
 from . import oci
 from .bloom import MAX_FILTER_BYTES, BloomFilter, BloomFormatError
 from .compression import DecompressionError, decompress_exact
+from .delta import MAX_DELTA_BYTES  # noqa: F401 - part of the wire format: target and base of one DELTA item
 from .index import ID_SIZE
 
 PROTOCOL_VERSION = 2         # what this side speaks; version 2 adds deltas (DELTA frames, index_delta)
@@ -29,7 +30,6 @@ FRAME_END = 15     # the stream is complete
 KNOWN_FRAMES = {FRAME_HEADER, FRAME_CHUNKS, FRAME_DELTA, FRAME_ERROR, FRAME_END}
 DELTA_CONTENT = 0  # DELTA item kinds: content chunks as one zstd frame with the base bytes as raw dictionary
 DELTA_HEADERS = 1  # a layer's whole header stream as a header delta (chunkstore/headerdelta.py)
-MAX_DELTA_BYTES = 64 << 20  # target and base of one DELTA item: the decoder holds both
 
 _PREFIX = struct.Struct(">BBI")  # version, type, payload length
 MAX_FRAME_PAYLOAD = 300 << 20     # a header frame carries the index: allow big images, refuse absurd lengths

@@ -62,7 +62,8 @@ class DeltaApplier:
         else:
             if item.first + item.count > len(layer.chunks) or item.base_first + item.base_count > len(old.chunks):
                 raise DeltaError("a delta item's chunk range is outside its layer")
-            targets = [(layer.chunks.id_at(i), layer.chunks.lengths[i]) for i in range(item.first, item.first + item.count)]
+            span = range(item.first, item.first + item.count)
+            targets = [(layer.chunks.id_at(i), layer.chunks.lengths[i]) for i in span]
             size = _size(targets)
             data = zstd_decode(item.data, self._bytes(old.chunks, item.base_first, item.base_count), size)
         return _cut(data, targets)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from chunkstore.delta import MAX_BASE_BYTES, PathMatcher, header_entries, zstd_encode
+from chunkstore.delta import MAX_DELTA_BYTES, PathMatcher, header_entries, zstd_encode
 from chunkstore.headerdelta import encode_headers
 from chunkstore.index import ImageIndex, LayerIndex
 from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaItem
@@ -48,7 +48,7 @@ def run_ranges(layer: LayerIndex) -> list[tuple[int, int]]:
 
 def header_stream(layer: LayerIndex, get_chunk: GetChunk) -> bytes | None:
     """A layer's header bytes, or None when they are over the delta size limit (then no path matching)."""
-    if layer.header_chunks.total() > MAX_BASE_BYTES:
+    if layer.header_chunks.total() > MAX_DELTA_BYTES:
         return None
     return b"".join(get_chunk(cid) for cid, _ in layer.header_chunks)
 
@@ -119,7 +119,7 @@ class Planner:
                 first = position
                 while position < end and ids[position] not in self.old_ids:
                     position += 1
-                if sum(lengths[first:position]) > MAX_BASE_BYTES:
+                if sum(lengths[first:position]) > MAX_DELTA_BYTES:
                     continue  # too big to decode in bounded memory: plain chunks
                 base = self._file_base(paths.get(run)) or self._neighbour_base(ids, first, position)
                 if base is not None:
@@ -131,7 +131,7 @@ class Planner:
             return None
         j, run = found
         first, end = self._old_ranges[j][run]
-        if first == end or sum(self.old.layers[j].chunks.lengths[first:end]) > MAX_BASE_BYTES:
+        if first == end or sum(self.old.layers[j].chunks.lengths[first:end]) > MAX_DELTA_BYTES:
             return None
         return j, first, end - first
 
@@ -149,7 +149,7 @@ class Planner:
         else:
             return None
         lengths = self.old.layers[j].chunks.lengths
-        while hi > lo and sum(lengths[lo:hi]) > MAX_BASE_BYTES:
+        while hi > lo and sum(lengths[lo:hi]) > MAX_DELTA_BYTES:
             hi -= 1
         return (j, lo, hi - lo) if hi > lo else None
 

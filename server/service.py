@@ -12,7 +12,7 @@ import msgpack
 from chunkstore.index import ID_SIZE
 from chunkstore.oci import IMAGE_MANIFEST_TYPES
 from chunkstore.store import LocalStore
-from chunkstore.wire import ChunksRequest, SyncRequest, encode_header
+from chunkstore.wire import MAX_DELTA_BYTES, ChunksRequest, SyncRequest, encode_header
 from client.registry import Manifest, Platform, RegistryClient
 
 from .access import AccessChecker
@@ -86,8 +86,8 @@ class Service:
                       plan: Plan) -> DeltaAnswer | None:
         """Deltas against the first held image of the same repository (else any held image): only images the device
         holds completely and may pull, whose index the server has, are ever a base, never a Bloom hit."""
-        if request.version < 2 or not self.config.deltas:
-            return None
+        if request.version < 2 or not self.config.deltas or len(image.index_data) > MAX_DELTA_BYTES // 2:
+            return None  # (an index that large, ~50 GB of layers, goes whole: its delta would be over the limit)
         candidates = [other for other in held if other.manifest_digest != image.manifest_digest]
         candidates.sort(key=lambda other: other.repository != request.repository)  # stable: the device's order
         if not candidates:

@@ -90,7 +90,8 @@ def test_non_canonical_headers_keep_their_fields_in_the_residual(tars: dict[str,
     entry = next(e for e in header_entries(bytes(header), tars["mtime"].index.runs) if e.path)
     block = entry.offset + entry.length - 512
     header[block + 136] = ord(" ")
-    header[block + 148:block + 156] = b"%06o\0 " % (sum(header[block:block + 148]) + 256 + sum(header[block + 156:block + 512]))
+    checksum = sum(header[block:block + 148]) + 256 + sum(header[block + 156:block + 512])
+    header[block + 148:block + 156] = b"%06o\0 " % checksum
     old = tars["old"]
     delta = encode_headers(bytes(header), tars["mtime"].index.runs, old.header, old.index.runs)
     assert delta["fields"] == 0
