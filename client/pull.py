@@ -79,7 +79,7 @@ class PullReport:
     have_images: int = 0
     bloom_bytes: int = 0
     delta_items: int = 0               # DELTA items applied (changed files and header streams rebuilt from old ones)
-    delta_chunks: int = 0              # verified chunks those items delivered
+    delta_chunks: int = 0              # of chunks_received, those the items delivered
     delta_rejected: int = 0            # items refused or undecodable (their chunks asked for again, plainly)
     index_delta_bytes: int = 0         # the index came as a delta against a held image (0: whole index)
     registry_layers: int = 0           # layers pulled plainly from the registry
@@ -286,7 +286,6 @@ class Pull:
                 self.warn(f"a delta item was refused or damaged ({exc}); its chunks will be asked for again")
                 continue
             self.report.delta_items += 1
-            self.report.delta_chunks += len(pairs)
             good += [(cid, data) for cid, data in pairs if cid in wanted]
         return good
 
@@ -298,7 +297,11 @@ class Pull:
                 return True
             if frame.type == FRAME_DELTA and not repair:
                 good = self._apply_deltas(frame.payload, index, wanted)
-                self.store.put_many(good, verify=False)  # each verified against its id in _apply_deltas
+                # Verified against their ids in _apply_deltas. An item may also rebuild chunks the store holds:
+                # only those new to it count as received.
+                added = self.store.put_many(good, verify=False)
+                self.report.chunks_received += added
+                self.report.delta_chunks += added
                 self.progress.advance(sum(len(data) for _, data in good))
                 continue
             if frame.type != FRAME_CHUNKS:
