@@ -378,12 +378,15 @@ class RegistryClient:
             response.close()
             raise RegistryError(f"{what} is {declared} bytes, over the {cap}-byte limit")
         parts, total = [], 0
-        for part in response.iter_bytes(_CHUNK):
-            total += len(part)
-            if total > cap:
-                response.close()
-                raise RegistryError(f"{what} is over the {cap}-byte limit")
-            parts.append(part)
+        try:
+            for part in response.iter_bytes(_CHUNK):
+                total += len(part)
+                if total > cap:
+                    response.close()
+                    raise RegistryError(f"{what} is over the {cap}-byte limit")
+                parts.append(part)
+        except httpx.TransportError as exc:  # the connection broke inside the body: no status, like unreachable
+            raise RegistryError(f"{what}: the answer broke off after {total} bytes: {exc!r}") from exc
         return b"".join(parts)
 
     def get_raw_manifest(self, repo: str, reference: str) -> Manifest:

@@ -20,9 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from chunkstore.index import decode_index
+from chunkstore.oci import OCI_MANIFEST
 from chunkstore.store import LocalStore
 from fault_proxy import FaultProxy, Link, address_of
 from frame_proxy import FLIP, FrameProxy
@@ -178,6 +180,27 @@ def test_link_cut_at_random_offsets_then_retry(link: tuple[Link, FaultProxy, Fau
         count("cut_first_pull_failed", first.returncode)
         count("cut_chunks_kept", len(kept - (target.needed["v1"] if tag == "v2" else set())))
     print(f"\n{CUT_TRIALS} cuts; retries by path: {outcomes}")
+
+
+def test_link_cut_inside_the_registry_manifest(link: tuple[Link, FaultProxy, FaultProxy], target: Target,
+                                               tmp_path: Path) -> None:
+    """The first bytes on the link are the registry's manifest answer: a cut inside its body (found by the soak
+    run: it was a traceback) is a clear failure, and the retry works."""
+    link_, to_server, to_registry = link
+    ref = f"{to_registry.host}/{target.repo}:v1"
+    link_.heal()
+    link_.reset_counts()
+    manifest = httpx.get(f"{to_registry.url}/v2/{target.repo}/manifests/v1", headers={"Accept": OCI_MANIFEST})
+    assert manifest.status_code == 200
+    link_.cut_after(link_.delivered - len(manifest.content) // 2)  # the pull's first answer is this one: cut its JSON
+    first = pull(ref, to_server.url, tmp_path / "store", "--out", f"oci:{tmp_path / 'out'}")
+    link_.heal()
+    assert first.returncode == 1 and "Traceback" not in first.stderr, first.stderr
+    assert "broke off" in first.stderr and "registry is unreachable" in first.stderr
+    assert layout_images(tmp_path / "out") == {}
+    kept = stored_ids(tmp_path / "store")
+    retry = pull(ref, to_server.url, tmp_path / "store", "--out", f"oci:{tmp_path / 'out'}")
+    assert_retry_complete(retry, target, "v1", tmp_path / "out", kept)
 
 
 # --- the device killed at random instants -------------------------------------------------------------------------
