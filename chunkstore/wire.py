@@ -85,6 +85,11 @@ def _load_map(body: bytes, what: str) -> dict:
     try:
         obj = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=MAX_REQUEST_BYTES,
                               max_str_len=1 << 16, max_array_len=MAX_HAVE_IMAGES * 4, max_map_len=64)
+    except ValueError as exc:
+        if " exceeds max_" in str(exc):
+            # msgpack's own caps (e.g. hundreds of have_images) are size limits too: 413 like the rest
+            raise LimitExceeded(f"{what}: {str(exc)[:200]}") from None
+        raise ProtocolError(f"{what} is not valid msgpack: {str(exc)[:200]}") from None
     except Exception as exc:  # msgpack raises many unrelated types on malformed input
         raise ProtocolError(f"{what} is not valid msgpack: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):

@@ -201,6 +201,7 @@ BAD_SYNCS = [
     (_sync_body(bloom={"m": 63, "k": 1, "bits": b"\0" * 8}), 400, "multiple of 64"),
     (_sync_body(bloom={"m": 64, "k": 1, "bits": b"\0" * 9}), 400, "8 bytes"),
     (_sync_body(have_images=[[REPO, "sha256:" + "0" * 64]] * 65), 413, "at most 64"),
+    (_sync_body(have_images=[[REPO, "sha256:" + "0" * 64]] * 1000), 413, "exceeds max_array_len"),
     (_sync_body(reference="no-such-tag"), 404, "no-such-tag"),
     (_sync_body(repository="server/no-such-repo"), 404, "not in the registry"),
 ]
