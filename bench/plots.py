@@ -40,26 +40,25 @@ def bytes_per_method(results: dict, path: Path) -> None:
 
 
 def cpu_vs_bytes(results: dict, path: Path) -> None:
-    """Server CPU for one device (chunksync: its answer; patch tools: making the one patch) against its bytes."""
+    """Server CPU (chunksync: its first answer, deltas computed, and a cached one; patch tools: making the one
+    patch) against the bytes to a device."""
     pp = per_pair(results)
     fig, ax = plt.subplots(figsize=(7, 5))
     markers = dict(zip(METHODS, "os^vD<>ph"))
-    for method in METHODS:
-        if method == "full":
-            continue
+    series = [("chunksync, first answer", "chunksync", "cold_answer_cpu_s", "*"),
+              ("chunksync, cached answer", "chunksync", "answer_cpu_s", "o")]
+    series += [(m, m, "make_cpu_s", markers[m]) for m in METHODS if m not in ("full", "chunksync")]
+    for label, method, key, marker in series:
         xs, ys = [], []
         for pair, m in pp.items():
             r = m.get(method)
-            if not r or r["bytes"] is None:
+            if not r or r["bytes"] is None or r.get(key) is None:
                 continue
-            cpu = r["answer_cpu_s"] if method == "chunksync" else r["make_cpu_s"]
-            if cpu is None:
-                continue
-            xs.append(max(cpu, 0.005))
+            xs.append(max(r[key], 0.005))
             ys.append(max(r["bytes"], 1) / 1e6)
-        ax.scatter(xs, ys, marker=markers[method], label=method, s=60 if method == "chunksync" else 35)
+        ax.scatter(xs, ys, marker=marker, label=label, s=60 if method == "chunksync" else 35)
     ax.set_xscale("log")
-    _finish(fig, ax, path, "server CPU s (chunksync: answer per device; tools: making the patch; floor 5 ms)",
+    _finish(fig, ax, path, "server CPU s (chunksync: first / cached answer; tools: making the patch; floor 5 ms)",
             "MB to the device (log)", "Server CPU vs bytes, one point per pair")
 
 

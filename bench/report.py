@@ -1,27 +1,15 @@
-"""Writes RESULTS.md from one run's results: the headline table, chunksync's costs at both ends, the baselines'
-costs, fleet economics, the chunk-size sweep, and the machine it ran on."""
+"""Writes RESULTS.md from one run's results: the targets, the headline table, chunksync's costs at both ends, the
+baselines' costs, fleet economics, the chunk-size sweep, and the machine it ran on."""
 
 from __future__ import annotations
 
 from bench import fleet
+from bench.fmt import mb as _mb
+from bench.fmt import num as _f
+from bench.fmt import table as _table
+from bench.fmt import times as _x
 from bench.summary import METHODS, TOOLS, per_pair, ratio
-
-
-def _mb(n: float | None, digits: int = 3) -> str:
-    return "—" if n is None else f"{n / 1e6:.{digits}f}"
-
-
-def _f(v: float | None, fmt: str = "{:.2f}") -> str:
-    return "—" if v is None else fmt.format(v)
-
-
-def _x(v: float | None) -> str:
-    return "—" if v is None else (f"{v:.1f}×" if v >= 0.995 else f"{v:.2f}×")
-
-
-def _table(head: list[str], rows: list[list[str]], align: str) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
-            *["| " + " | ".join(r) + " |" for r in rows], ""]
+from bench.targets import targets
 
 
 def headline(results: dict) -> list[str]:
@@ -38,20 +26,22 @@ def headline(results: dict) -> list[str]:
 def chunksync_costs(results: dict) -> list[str]:
     rows = []
     for pair, cs in results["chunksync"].items():
-        for label, key in (("v2 after v1", "update"), ("first pull, empty device", "first_pull")):
+        for label, key in (("v2 after v1", "update"), ("v2 after v1, first device (deltas computed)", "update_cold"),
+                           ("first pull, empty device", "first_pull")):
             r = cs[key]
-            full = cs["changed_layer_bytes"] if key == "update" else cs["full_pull_bytes"]
+            full = cs["full_pull_bytes"] if key == "first_pull" else cs["changed_layer_bytes"]
             counted = r["client_bytes_received"] + r["client_bytes_sent"]
             rows.append([pair, label, _mb(r["wire_bytes"]), _f(100 * ratio(r["wire_bytes"], full), "{:.1f}"),
                          f"{r['wire_sent']:,}", f"{counted - r['wire_bytes']:+,}",
                          f"{r['server_requests']} + {r['registry_requests']}", str(r["connections"]),
                          f"{r['chunks_received']:,}", str(r["repair_chunks"]), _f(r["server_cpu_s"]),
                          _f(r["server_peak_rss_mb"], "{:.0f}"), _f(r["client_cpu_s"]),
-                         _f(r["client_peak_rss_mb"], "{:.0f}"), _f(r["client_wall_s"]), r["path"]])
+                         _f(r["client_apply_cpu_s"], "{:.3f}"), _f(r["client_peak_rss_mb"], "{:.0f}"),
+                         _f(r["client_wall_s"]), r["path"]])
     return _table(["pair", "pull", "wire MB", "% of full", "sent B", "client count − wire B",
                    "requests server + registry", "TCP conns", "chunks", "repair chunks", "server answer CPU s",
-                   "server peak RSS MB", "client CPU s", "client peak RSS MB", "client wall s", "path"],
-                  rows, "llrrrrrrrrrrrrrl")
+                   "server peak RSS MB", "client CPU s", "client apply CPU s", "client peak RSS MB", "client wall s",
+                   "path"], rows, "llrrrrrrrrrrrrrrl")
 
 
 def index_costs(results: dict) -> list[str]:
@@ -75,8 +65,8 @@ def baseline_costs(results: dict) -> list[str]:
             if method not in m:
                 continue
             r = m[method]
-            make = (f"{_f(r['index_cpu_s'])} (index, once per image)" if method == "chunksync"
-                    else _f(r["make_cpu_s"]))
+            make = (f"{_f(r['index_cpu_s'])} (index, once per image) + {_f(r['pair_cpu_s'])} (deltas, once per "
+                    "pair)" if method == "chunksync" else _f(r["make_cpu_s"]))
             answer = _f(r.get("answer_cpu_s")) if method == "chunksync" else "~0 (static file)"
             rows.append([pair, method, _mb(r["bytes"]), make, _f(r["make_rss_mb"], "{:.0f}"), answer,
                          _f(r["apply_cpu_s"]), "yes" if r["verified"] else "NO", r["note"]])
@@ -96,7 +86,8 @@ def fleet_table(results: dict) -> list[str]:
         for method in ("chunksync", "bsdiff", "xdelta3", "zstd-19", "zstd-3", "rsync", "casync", "full"):
             if method not in m:
                 continue
-            costs = {"index_cpu_s": cs["index_cpu_s"], "answer_cpu_s": cs["answer_cpu_s"],
+            costs = {"index_cpu_s": cs["index_cpu_s"], "pair_cpu_s": cs["pair_cpu_s"],
+                     "answer_cpu_s": cs["answer_cpu_s"],
                      "make_cpu_s": m[method]["make_cpu_s"] if method != "full" else 0.0}
             cpu = [fleet.server_cpu(method, k, costs) for k in fleet.KS]
             even = ("" if method in ("chunksync", "full") else
@@ -127,6 +118,7 @@ def markdown(results: dict) -> str:
         f"Run {results['date']} on {m['cpu']} × {m['nproc']} cores, {m['ram_gb']:.1f} GB RAM, {m['os']}; "
         f"`{results['command']}` took {results['seconds'] / 60:.1f} min. Every number below comes from this run "
         "(baseline tool rows are cached by bench/baselines.py per input file and tool version).", "",
+        *targets(results),
         "## Bytes for a device on v1 to get v2", "",
         "*full pull*: the gzip layer blobs of v2 whose digest v1 does not have (what `docker pull` fetches). "
         "*chunksync*: every byte of the real `chunksync pull` on the wire, both directions, both peers (server and "
@@ -140,10 +132,12 @@ def markdown(results: dict) -> str:
         "bytes_sent + bytes_received minus the wire count (negative: the client counts less; "
         "chunked-encoding markers and status lines it does not see). *requests*: HTTP requests to the server "
         "(1 = one round trip; a repair round adds one) and to the registry (the tag lookup). *server answer CPU "
-        "s*: user+sys of the `chunksync serve` process around the pull (/proc/PID/stat; 10 ms ticks; median of "
-        "the repeated update pulls), indexing excluded (done beforehand by `chunksync index`). *server peak RSS*: "
-        "VmHWM, reset before each pull (clear_refs 5). Client: "
-        "GNU time around `chunksync pull --out oci:…` (whole process, Python start-up included).", "",
+        "s*: user+sys of the `chunksync serve` process around the pull (/proc/PID/stat; 10 ms ticks), indexing "
+        "excluded (done beforehand by `chunksync index`). *v2 after v1*: the cached answer, median of the repeated "
+        "pulls; *first device*: the one pull in which the server computed the pair's deltas. *server peak RSS*: "
+        "VmHWM, reset before each pull (clear_refs 5). Client: GNU time around `chunksync pull --out oci:…` (whole "
+        "process, Python start-up included); *client apply CPU s*: the pull's own `apply_cpu_s` (decoding, "
+        "checking and storing the CHUNKS and DELTA frames).", "",
         *chunksync_costs(results),
         "## Indexing, once per image (`chunksync index`, GNU time)", "",
         *index_costs(results),
@@ -152,7 +146,8 @@ def markdown(results: dict) -> str:
         "image is indexed once, whatever versions the devices run.", "",
         *baseline_costs(results),
         f"## Fleet economics: {fleet.DEVICES} devices spread over K old versions", "",
-        "Derived, not measured as a fleet. chunksync: index CPU of v2 once + devices × the measured answer CPU. "
+        "Derived, not measured as a fleet. chunksync: index CPU of v2 once + K × the pair's delta computation (first "
+        "answer's CPU − cached answer's) + devices × the measured cached answer CPU. "
         "Patch tools: K × the measured make CPU (one patch per old version), serving a ready patch counted as 0. "
         "The measured pair stands in for every old version (older versions need bigger diffs with every method). "
         "The last column: the fleet size below which chunksync spends less server CPU than K precomputed patches.",

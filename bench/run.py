@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> dict:
             log(f"{name}: chunksync end to end (registry {host}, server, pulls)")
             results["chunksync"][name] = pulls.measure_pair(pair_dir, cache, host, registry_tap, work / name,
                                                             repeat=args.repeat)
-            u = results["chunksync"][name]["update"]
-            log(f"{name}: v2 after v1 {u['wire_bytes'] / 1e6:.3f} MB on the wire, server {u['server_cpu_s']:.2f} "
-                f"CPU s, path {u['path']}")
+            u, c = results["chunksync"][name]["update"], results["chunksync"][name]["update_cold"]
+            log(f"{name}: v2 after v1 {u['wire_bytes'] / 1e6:.3f} MB on the wire, server {c['server_cpu_s']:.2f} "
+                f"CPU s first (deltas {c['delta_compute_s']:.2f} s), {u['server_cpu_s']:.2f} cached, path {u['path']}")
             log(f"{name}: chunk-size sweep (in-process)")
             results["sweep"] += sweep.sweep_pair(pair_dir)
     finally:

@@ -38,11 +38,15 @@ def per_pair(results: dict) -> dict[str, dict[str, dict]]:
                              "verified": all(r.get("verified") for r in rows),
                              "note": "; ".join(sorted({r["note"] for r in rows if r.get("note", "").startswith(
                                  ("skipped", "failed"))}))}
-        update = cs["update"]
+        update, cold = cs["update"], cs["update_cold"]
+        # The pair's deltas are computed once, by the first device's answer: that part is a per-pair cost like a
+        # patch tool's make (cold answer minus a cached one), the rest a per-device cost.
         methods["chunksync"] = {"bytes": update["wire_bytes"], "make_cpu_s": 0.0, "make_rss_mb": None,
-                                "answer_cpu_s": update["server_cpu_s"], "apply_cpu_s": update["client_cpu_s"],
-                                "index_cpu_s": cs["index"]["new"]["cpu_s"],
-                                "verified": update["path"] in ("diff", "repair"), "note": ""}
+                                "answer_cpu_s": update["server_cpu_s"], "cold_answer_cpu_s": cold["server_cpu_s"],
+                                "pair_cpu_s": max(cold["server_cpu_s"] - update["server_cpu_s"], 0.0),
+                                "apply_cpu_s": update["client_cpu_s"], "index_cpu_s": cs["index"]["new"]["cpu_s"],
+                                "verified": update["path"] in ("diff", "repair") and cold["path"] in ("diff", "repair"),
+                                "note": ""}
         out[pair] = methods
     return out
 

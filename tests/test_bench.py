@@ -58,6 +58,15 @@ def test_bench_writes_results_for_a_tiny_pair(tmp_path: Path) -> None:
     # The pull's own count and the proxy's agree to within the HTTP framing it cannot see.
     assert abs(update["client_bytes_received"] - update["wire_received"]) < 1000
     assert cs["index"]["new"]["chunks"] > 0 and cs["index"]["new"]["cpu_s"] >= 0
+    # The first device on v1 makes the server compute the pair's deltas, once; the later answers are cached.
+    cold = cs["update_cold"]
+    assert cold["path"] == "diff" and cold["delta_pairs_computed"] == 1 and cold["delta_compute_s"] > 0
+    assert cold["delta_items"] > 0 and cold["wire_bytes"] == update["wire_bytes"]
+    assert cs["local_pull"]["path"] == "local" and cs["local_pull"]["client_apply_cpu_s"] == 0
+    # The zstd yardstick decompresses exactly what the update delivered.
+    ref = cs["apply_reference"]
+    assert ref["chunks"] == update["chunks_received"] and ref["decompress_cpu_s"] > 0
+    assert update["client_apply_cpu_s"] > 0
 
     tools = {r["tool"] for r in results["baselines"] if r["bytes"]}
     assert {"full", "bsdiff", "xdelta3"} <= tools
@@ -66,8 +75,19 @@ def test_bench_writes_results_for_a_tiny_pair(tmp_path: Path) -> None:
     assert all(r["total_bytes"] > r["index_bytes"] > 0 for r in results["sweep"])
 
     md = (out / "RESULTS.md").read_text()
-    for heading in ("## Bytes for a device on v1 to get v2", "## Fleet economics", "## Chunk-size sweep"):
+    for heading in ("## Targets", "## Bytes for a device on v1 to get v2", "## Fleet economics",
+                    "## Chunk-size sweep"):
         assert heading in md
+    assert md.index("## Targets") < md.index("## Bytes for a device")
+    targets = md[md.index("## Targets"):md.index("## Bytes for a device")]
+    for row in ("| 1. bytes on the wire", "| 2a. server CPU", "| 2b. server peak memory", "| 3. client CPU to apply",
+                "| 4. first pull"):
+        assert row in targets
+    # Each target's table has the pair's row with a verdict, whichever it is.
+    assert targets.count("| tiny |") == 5
+    assert all(("| met |" in line or "| **NOT MET** |" in line) for line in targets.splitlines()
+               if line.startswith("| tiny |"))
+    assert "| tiny | v2 after v1, first device (deltas computed) |" in md
     assert "| tiny | v2 after v1 |" in md
     for png in ("bytes.png", "cpu_vs_bytes.png", "sweep.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
