@@ -58,13 +58,15 @@ class SyncRequest:
     have_images: list[tuple[str, str]] = field(default_factory=list)  # (repository, manifest digest)
     bloom: BloomFilter | None = None
     version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta
+    have_manifest: bool = False         # the device holds the verified manifest `reference` (a digest) names
 
     def encode(self) -> bytes:
-        return msgpack.packb({
-            "v": self.version, "repository": self.repository, "reference": self.reference,
-            "platform": self.platform, "have_images": [list(pair) for pair in self.have_images],
-            "bloom": self.bloom.to_obj() if self.bloom else None,
-        }, use_bin_type=True)
+        obj = {"v": self.version, "repository": self.repository, "reference": self.reference,
+               "platform": self.platform, "have_images": [list(pair) for pair in self.have_images],
+               "bloom": self.bloom.to_obj() if self.bloom else None}
+        if self.have_manifest:  # absent when false: the request stays what older servers expect, byte for byte
+            obj["have_manifest"] = True
+        return msgpack.packb(obj, use_bin_type=True)
 
 
 @dataclass
@@ -131,6 +133,9 @@ def decode_sync_request(body: bytes) -> SyncRequest:
             raise ProtocolError(f"{what}: each have_images entry must be [repository, digest]")
         pairs.append((_checked(oci.validate_repository, item[0], what),
                       _checked(oci.validate_digest, item[1], what)))
+    have_manifest = obj.get("have_manifest", False)
+    if not isinstance(have_manifest, bool):
+        raise ProtocolError(f"{what}: have_manifest must be true or false")
     bloom = obj.get("bloom")
     bits = bloom.get("bits") if isinstance(bloom, dict) else None
     if isinstance(bits, bytes) and len(bits) > MAX_FILTER_BYTES:
@@ -142,7 +147,7 @@ def decode_sync_request(body: bytes) -> SyncRequest:
     return SyncRequest(
         repository=_checked(oci.validate_repository, _str(obj, "repository", what), what),
         reference=_checked(oci.validate_reference, _str(obj, "reference", what), what),
-        platform=platform, have_images=pairs, bloom=bloom, version=obj["v"])
+        platform=platform, have_images=pairs, bloom=bloom, version=obj["v"], have_manifest=have_manifest)
 
 
 def decode_chunks_request(body: bytes) -> ChunksRequest:

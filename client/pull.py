@@ -213,7 +213,8 @@ class Pull:
         self.deltas = DeltaApplier(self.store, have.images)
         # Ask by digest when the registry told us one: the server then cannot answer for another version.
         reference = expected.digest if expected else self.ref.reference
-        request = SyncRequest(repo, reference, self.options.platform, have.images, have.bloom)
+        request = SyncRequest(repo, reference, self.options.platform, have.images, have.bloom,
+                              have_manifest=expected is not None)
         with self.api.sync(request) as frames:
             first = next(frames, None)
             if first is None or first.type != FRAME_HEADER:
@@ -250,6 +251,8 @@ class Pull:
                                     f"{expected.digest}")
         if expected is None and self.ref.digest and self.ref.digest not in (digest, payload.get("index_digest")):
             raise VerificationError(f"the server answered with {digest}, not the requested {self.ref.digest}")
+        if not manifest and expected is not None:
+            manifest = expected.data  # we said have_manifest: the registry's bytes, verified again just below
         image = verify_image(self.ref.repository, digest, manifest, config)
         if "index_delta" in payload:
             index = self._index_from_delta(payload)

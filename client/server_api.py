@@ -9,7 +9,6 @@ import httpx
 
 from chunkstore.wire import (
     CHUNKS_MEDIA_TYPE,
-    FRAMES_MEDIA_TYPE,
     SYNC_MEDIA_TYPE,
     ChunksRequest,
     Frame,
@@ -71,11 +70,15 @@ class ServerApi:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"--server {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
-        headers = {"User-Agent": "chunksync", "Accept": FRAMES_MEDIA_TYPE}
+        headers = {"User-Agent": "chunksync"}
         if authorization:
             headers["Authorization"] = authorization
         self._http = httpx.Client(base_url=self.base_url, headers=headers, transport=CountingTransport(traffic),
                                   timeout=httpx.Timeout(timeout, connect=10.0))
+        # Bytes on a metered link: frames are never content-encoded, HTTP/1.1 keeps the connection alive by
+        # default, and the answer's media type is fixed by the endpoint.
+        for name in ("Accept", "Accept-Encoding", "Connection"):
+            del self._http.headers[name]
 
     def close(self) -> None:
         self._http.close()

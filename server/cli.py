@@ -85,7 +85,9 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.log_level == "debug" else logging.WARNING)
     app = create_app(config)
     print(f"chunksync serve: {args.registry} on http://{args.listen}, store {args.store}", file=sys.stderr)
-    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.log_level == "debug")
+    # No Server or Date header: ~55 bytes per answer that no device reads.
+    uvicorn.run(app, host=host, port=port, log_level=args.log_level, access_log=args.log_level == "debug",
+                server_header=False, date_header=False)
     return 0
 
 

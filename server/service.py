@@ -69,6 +69,8 @@ class Service:
         if delta is not None:
             plan = Plan([cid for cid in plan.ids if cid not in delta.covered], plan.skipped)
         self.indexer.ensure_chunks(image, plan.ids)
+        # The device asked by digest and holds those manifest bytes (it verified them): not sent again.
+        manifest_data = b"" if request.have_manifest and manifest.digest == request.reference else manifest.data
         extra = {"platform": _platform_of(image, request.platform)}
         if manifest.index_digest:
             extra["index_digest"] = manifest.index_digest
@@ -77,9 +79,9 @@ class Service:
             extra["index_base"] = [delta.base.repository, delta.base.manifest_digest]
             extra["index_delta"] = msgpack.unpackb(delta.index_delta, raw=False)
             self.metrics.inc("chunksync_index_delta_bytes_total", len(delta.index_delta))
-            header = encode_header(image.manifest_digest, manifest.data, image.config, b"", **extra)
+            header = encode_header(image.manifest_digest, manifest_data, image.config, b"", **extra)
             return self._frames(plan, header, lambda counts: self.deltas.frames(delta, image, counts))
-        header = encode_header(image.manifest_digest, manifest.data, image.config, image.index_data, **extra)
+        header = encode_header(image.manifest_digest, manifest_data, image.config, image.index_data, **extra)
         return self._frames(plan, header)
 
     def _delta_answer(self, request: SyncRequest, image: IndexedImage, held: list[IndexedImage],

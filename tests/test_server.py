@@ -146,6 +146,16 @@ def test_sync_by_digest(server: ServerProcess, versions: Versions) -> None:
     assert answer.header is not None and answer.header["manifest_digest"] == versions.v2
 
 
+def test_have_manifest_omits_the_manifest_only_when_asked_by_its_digest(server: ServerProcess,
+                                                                       versions: Versions) -> None:
+    full = sync(server, versions.v2).header
+    held = sync(server, versions.v2, have_manifest=True).header
+    by_tag = sync(server, "v2", have_manifest=True).header  # a tag may have moved: the device needs the bytes
+    assert full is not None and held is not None and by_tag is not None
+    assert held["manifest"] == b"" and held["manifest_digest"] == versions.v2 and held["config"] == full["config"]
+    assert by_tag["manifest"] == full["manifest"] != b""
+
+
 # --- chunks by id --------------------------------------------------------------------------------------------------
 
 

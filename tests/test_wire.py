@@ -37,6 +37,9 @@ def test_sync_request_round_trip() -> None:
     request = SyncRequest("library/app", "v2", "linux/arm64/v8", [("library/app", DIGEST)], bloom)
     decoded = decode_sync_request(request.encode())
     assert decoded == request
+    by_digest = SyncRequest("library/app", DIGEST, have_manifest=True)
+    assert decode_sync_request(by_digest.encode()) == by_digest
+    assert b"have_manifest" not in request.encode()  # unset: the request older servers know, byte for byte
 
 
 def test_chunks_request_round_trip() -> None:
@@ -85,6 +88,7 @@ BAD_SYNC = {
     "bloom bits short": sync(bloom={"m": 128, "k": 2, "bits": bytes(8)}),
     "bloom k 0": sync(bloom={"m": 64, "k": 0, "bits": bytes(8)}),
     "huge string": sync(reference="x" * 100_000),
+    "have_manifest as int": sync(have_manifest=1),
 }
 
 
