@@ -15,8 +15,8 @@ from .compression import DecompressionError, decompress_exact
 from .delta import MAX_DELTA_BYTES  # noqa: F401 - part of the wire format: target and base of one DELTA item
 from .index import ID_SIZE
 
-PROTOCOL_VERSION = 2         # what this side speaks; version 2 adds deltas (DELTA frames, index_delta)
-SUPPORTED_VERSIONS = (1, 2)   # a version-1 request gets a version-1 answer: no DELTA frames, a plain index
+PROTOCOL_VERSION = 3         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items
+SUPPORTED_VERSIONS = (1, 2, 3)  # an answer never holds what the request's version does not know
 SYNC_MEDIA_TYPE = "application/vnd.chunksync.sync.v1+msgpack"
 CHUNKS_MEDIA_TYPE = "application/vnd.chunksync.chunks.v1+msgpack"
 FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
@@ -30,6 +30,8 @@ FRAME_END = 15     # the stream is complete
 KNOWN_FRAMES = {FRAME_HEADER, FRAME_CHUNKS, FRAME_DELTA, FRAME_ERROR, FRAME_END}
 DELTA_CONTENT = 0  # DELTA item kinds: content chunks as one zstd frame with the base bytes as raw dictionary
 DELTA_HEADERS = 1  # a layer's whole header stream as a header delta (chunkstore/headerdelta.py)
+DELTA_GROUP = 2    # version 3: several content ranges as one zstd frame against several base ranges
+MAX_GROUP_RANGES = 1 << 16  # target or base ranges in one group item
 
 _PREFIX = struct.Struct(">BBI")  # version, type, payload length
 MAX_FRAME_PAYLOAD = 300 << 20     # a header frame carries the index: allow big images, refuse absurd lengths
@@ -57,7 +59,7 @@ class SyncRequest:
     platform: str = "linux/amd64"
     have_images: list[tuple[str, str]] = field(default_factory=list)  # (repository, manifest digest)
     bloom: BloomFilter | None = None
-    version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta
+    version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta; 3: group items
     have_manifest: bool = False         # the device holds the verified manifest `reference` (a digest) names
 
     def encode(self) -> bytes:
@@ -218,12 +220,57 @@ class DeltaItem:
                 self.data]
 
 
-def encode_delta(base: tuple[str, str], items: list[DeltaItem]) -> bytes:
+Range = tuple[int, int, int]  # (layer, first content chunk, count)
+
+
+@dataclass(frozen=True)
+class DeltaGroup:
+    """Version 3: content ranges of the target encoded together against base ranges (docs/PROTOCOL.md, "DELTA").
+    One frame for many small changed files shares zstd's tables and lets a file copy from any of the bases."""
+    targets: tuple[Range, ...]   # in the order their bytes are concatenated
+    bases: tuple[Range, ...]     # likewise, as the raw dictionary
+    data: bytes                  # one zstd frame
+    kind: int = DELTA_GROUP
+
+    def to_obj(self) -> list:
+        return [DELTA_GROUP, [x for r in self.targets for x in r], [x for r in self.bases for x in r], self.data]
+
+
+AnyDeltaItem = DeltaItem | DeltaGroup
+
+
+def encode_delta(base: tuple[str, str], items: list[AnyDeltaItem]) -> bytes:
     """One DELTA frame: items encoded against the image `base` = (repository, manifest digest)."""
     return encode_frame(FRAME_DELTA, {"base": list(base), "items": [item.to_obj() for item in items]})
 
 
-def decode_delta(payload: dict) -> tuple[tuple[str, str], list[DeltaItem]]:
+def _numbers(values: object) -> bool:
+    return isinstance(values, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40
+                                            for x in values)
+
+
+def _ranges(values: list[int]) -> tuple[Range, ...]:
+    if not values or len(values) % 3 or len(values) > 3 * MAX_GROUP_RANGES:
+        raise ProtocolError(f"delta frame: a group's ranges must be 1 to {MAX_GROUP_RANGES} triples "
+                            "[layer, first, count]")
+    return tuple((values[i], values[i + 1], values[i + 2]) for i in range(0, len(values), 3))
+
+
+def decode_item(item: object, version: int = PROTOCOL_VERSION) -> AnyDeltaItem:
+    """One DELTA item, its types and ranges checked (not its bytes); group items only from version 3 on."""
+    if isinstance(item, list) and len(item) == 4 and item[0] == DELTA_GROUP and version >= 3:
+        if not (_numbers(item[1]) and _numbers(item[2]) and isinstance(item[3], bytes)):
+            raise ProtocolError("delta frame: a group item must be [2, targets, bases, data]")
+        return DeltaGroup(_ranges(item[1]), _ranges(item[2]), item[3])
+    if not (isinstance(item, list) and len(item) == 8 and isinstance(item[7], bytes) and _numbers(item[:7])):
+        raise ProtocolError("delta frame: an item must be [kind, layer, first, count, base_layer, base_first, "
+                            "base_count, data]")
+    if item[0] not in (DELTA_CONTENT, DELTA_HEADERS):
+        raise ProtocolError(f"delta frame: unknown item kind {item[0]}")
+    return DeltaItem(*item)
+
+
+def decode_delta(payload: dict, version: int = PROTOCOL_VERSION) -> tuple[tuple[str, str], list[AnyDeltaItem]]:
     """The base image and items of a DELTA frame, their types and ranges checked (not their bytes)."""
     base, items = payload.get("base"), payload.get("items")
     if not (isinstance(base, list) and len(base) == 2 and all(isinstance(x, str) for x in base)):
@@ -232,16 +279,7 @@ def decode_delta(payload: dict) -> tuple[tuple[str, str], list[DeltaItem]]:
                 _checked(oci.validate_digest, base[1], "delta frame"))
     if not isinstance(items, list):
         raise ProtocolError("delta frame: items must be a list")
-    out = []
-    for item in items:
-        if not (isinstance(item, list) and len(item) == 8 and isinstance(item[7], bytes)
-                and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 for x in item[:7])):
-            raise ProtocolError("delta frame: an item must be [kind, layer, first, count, base_layer, base_first, "
-                                "base_count, data]")
-        if item[0] not in (DELTA_CONTENT, DELTA_HEADERS):
-            raise ProtocolError(f"delta frame: unknown item kind {item[0]}")
-        out.append(DeltaItem(*item))
-    return base_ref, out
+    return base_ref, [decode_item(item, version) for item in items]
 
 
 def encode_error(code: str, message: str) -> bytes:

@@ -9,7 +9,7 @@ from chunkstore.headerdelta import decode_headers
 from chunkstore.index import ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
 from chunkstore.indexdelta import decode_index_delta
 from chunkstore.store import CorruptChunk, LocalStore
-from chunkstore.wire import DELTA_HEADERS, MAX_DELTA_BYTES, DeltaItem
+from chunkstore.wire import DELTA_HEADERS, MAX_DELTA_BYTES, AnyDeltaItem, DeltaGroup, Range
 
 
 class BaseNotHeld(DeltaError):
@@ -40,9 +40,11 @@ class DeltaApplier:
         """The new index from HEADER's index_delta against `ref` (IndexFormatError if it does not decode)."""
         return decode_index_delta(delta, self.base(ref))
 
-    def apply(self, ref: tuple[str, str], item: DeltaItem, new: ImageIndex) -> list[tuple[bytes, bytes]]:
+    def apply(self, ref: tuple[str, str], item: AnyDeltaItem, new: ImageIndex) -> list[tuple[bytes, bytes]]:
         """The verified (chunk id, bytes) pairs an item delivers; DeltaError if it is refused or does not decode."""
         base = self.base(ref)
+        if isinstance(item, DeltaGroup):
+            return self._group(item, base, new)
         if item.layer >= len(new.layers) or item.base_layer >= len(base.layers):
             raise DeltaError(f"a delta item names layer {item.layer} (base {item.base_layer}) that does not exist")
         layer, old = new.layers[item.layer], base.layers[item.base_layer]
@@ -68,6 +70,14 @@ class DeltaApplier:
             data = zstd_decode(item.data, self._bytes(old.chunks, item.base_first, item.base_count), size)
         return _cut(data, targets)
 
+    def _group(self, item: DeltaGroup, base: ImageIndex, new: ImageIndex) -> list[tuple[bytes, bytes]]:
+        targets = [pair for r in item.targets for pair in _range(new, r, "target")]
+        base_size = sum(length for r in item.bases for _, length in _range(base, r, "base"))
+        if base_size > MAX_DELTA_BYTES:
+            raise DeltaError(f"a delta base over {MAX_DELTA_BYTES} bytes")
+        old_bytes = b"".join(self._bytes(base.layers[layer].chunks, first, count) for layer, first, count in item.bases)
+        return _cut(zstd_decode(item.data, old_bytes, _size(targets)), targets)
+
     def _bytes(self, chunks: ChunkList, first: int, count: int) -> bytes:
         if sum(chunks.lengths[first:first + count]) > MAX_DELTA_BYTES:
             raise DeltaError(f"a delta base over {MAX_DELTA_BYTES} bytes")
@@ -76,6 +86,15 @@ class DeltaApplier:
             return b"".join(self.store.get(chunks.id_at(i)) for i in range(first, first + count))
         except (KeyError, CorruptChunk) as exc:
             raise BaseNotHeld(f"a base chunk is missing from the store or damaged: {exc}") from None
+
+
+def _range(index: ImageIndex, r: Range, what: str) -> list[tuple[bytes, int]]:
+    """(id, length) of the content chunks a group's range names; DeltaError if it is outside the index."""
+    layer, first, count = r
+    if layer >= len(index.layers) or first + count > len(index.layers[layer].chunks):
+        raise DeltaError(f"a group item's {what} range {r} is outside its image")
+    chunks = index.layers[layer].chunks
+    return [(chunks.id_at(i), chunks.lengths[i]) for i in range(first, first + count)]
 
 
 def _size(targets: list[tuple[bytes, int]]) -> int:

@@ -1,5 +1,6 @@
-"""The server's cache of computed deltas per (old manifest digest, new manifest digest): the index delta and every
-DELTA item, in a SQLite file beside the store, so a fleet moving from N to N+1 costs one computation."""
+"""The server's cache of computed deltas per (old manifest digest, new manifest digest, protocol version of the
+encoding): the index delta and every DELTA item, in a SQLite file beside the store, so a fleet moving from N to N+1
+costs one computation (per protocol version its devices speak)."""
 from __future__ import annotations
 
 import sqlite3
@@ -9,20 +10,25 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from chunkstore.wire import DeltaItem
+import msgpack
+
+from chunkstore.wire import AnyDeltaItem, decode_item
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS pairs (
+DROP TABLE IF EXISTS pairs;                 -- the layout before version 3 (a cache: recomputed on demand)
+DROP TABLE IF EXISTS items;
+CREATE TABLE IF NOT EXISTS delta_pairs (
     old TEXT NOT NULL, new TEXT NOT NULL,   -- manifest digests
+    version INTEGER NOT NULL,               -- the protocol version the items are encoded for (2: no group items)
     index_delta BLOB NOT NULL,              -- msgpack {size, data} (chunkstore/indexdelta.py)
     items INTEGER NOT NULL, bytes INTEGER NOT NULL, seconds REAL NOT NULL, added REAL NOT NULL,
-    PRIMARY KEY (old, new)
+    PRIMARY KEY (old, new, version)
 );
-CREATE TABLE IF NOT EXISTS items (
-    old TEXT NOT NULL, new TEXT NOT NULL, seq INTEGER NOT NULL,
-    kind INTEGER NOT NULL, layer INTEGER NOT NULL, first INTEGER NOT NULL, count INTEGER NOT NULL,
-    base_layer INTEGER NOT NULL, base_first INTEGER NOT NULL, base_count INTEGER NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (old, new, seq)
+CREATE TABLE IF NOT EXISTS delta_items (
+    old TEXT NOT NULL, new TEXT NOT NULL, version INTEGER NOT NULL, seq INTEGER NOT NULL,
+    shape BLOB NOT NULL,                    -- the item as on the wire (msgpack), its data empty: what it delivers
+    data BLOB NOT NULL,
+    PRIMARY KEY (old, new, version, seq)
 );
 """
 _BATCH_BYTES = 8 << 20
@@ -37,8 +43,8 @@ class CachedPair:
 
 
 class DeltaCache:
-    """A pair's row in `pairs` is written last, in the transaction of its last items: a pair is there whole or not
-    at all, and items left by a process killed mid-way are replaced on the next computation."""
+    """A pair's row in `delta_pairs` is written last, in the transaction of its last items: a pair is there whole
+    or not at all, and items left by a process killed mid-way are replaced on the next computation."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -55,52 +61,61 @@ class DeltaCache:
             self._local.db = db
         return db
 
-    def get(self, old: str, new: str) -> CachedPair | None:
-        row = self._db().execute("SELECT index_delta, items, bytes, seconds FROM pairs WHERE old = ? AND new = ?",
-                                 (old, new)).fetchone()
+    def get(self, old: str, new: str, version: int) -> CachedPair | None:
+        row = self._db().execute("SELECT index_delta, items, bytes, seconds FROM delta_pairs WHERE old = ? AND new = ? "
+                                 "AND version = ?", (old, new, version)).fetchone()
         return CachedPair(*row) if row else None
 
-    def targets(self, old: str, new: str) -> list[DeltaItem]:
+    def targets(self, old: str, new: str, version: int) -> list[AnyDeltaItem]:
         """The pair's items without their data (what each delivers), in order."""
-        rows = self._db().execute("SELECT kind, layer, first, count, base_layer, base_first, base_count FROM items "
-                                  "WHERE old = ? AND new = ? ORDER BY seq", (old, new))
-        return [DeltaItem(*row, data=b"") for row in rows]
+        rows = self._db().execute("SELECT shape FROM delta_items WHERE old = ? AND new = ? AND version = ? "
+                                  "ORDER BY seq", (old, new, version))
+        return [_item(shape, b"", version) for shape, in rows]
 
-    def items(self, old: str, new: str, seqs: Iterable[int]) -> Iterator[DeltaItem]:
+    def items(self, old: str, new: str, version: int, seqs: Iterable[int]) -> Iterator[AnyDeltaItem]:
         """The items numbered `seqs` (positions in `targets`), read one at a time."""
         db = self._db()
         for seq in seqs:
-            row = db.execute("SELECT kind, layer, first, count, base_layer, base_first, base_count, data FROM items "
-                             "WHERE old = ? AND new = ? AND seq = ?", (old, new, seq)).fetchone()
+            row = db.execute("SELECT shape, data FROM delta_items WHERE old = ? AND new = ? AND version = ? "
+                             "AND seq = ?", (old, new, version, seq)).fetchone()
             if row is None:
                 raise KeyError(f"delta item {seq} of {old} -> {new} is gone from the cache")
-            yield DeltaItem(*row)
+            yield _item(*row, version)
 
-    def put(self, old: str, new: str, index_delta: bytes, items: Iterable[DeltaItem], started: float) -> CachedPair:
+    def put(self, old: str, new: str, version: int, index_delta: bytes, items: Iterable[AnyDeltaItem],
+            started: float) -> CachedPair:
         """Stores a pair's items as they are computed (batched), then the pair itself."""
         db = self._db()
-        db.execute("DELETE FROM items WHERE old = ? AND new = ?", (old, new))
+        db.execute("DELETE FROM delta_items WHERE old = ? AND new = ? AND version = ?", (old, new, version))
         batch: list[tuple] = []
         pending = count = total = 0
         for seq, item in enumerate(items):
-            batch.append((old, new, seq, *item.to_obj()))
+            shape = item.to_obj()
+            shape[-1] = b""
+            batch.append((old, new, version, seq, msgpack.packb(shape, use_bin_type=True), item.data))
             pending += len(item.data)
             count, total = count + 1, total + len(item.data)
             if pending >= _BATCH_BYTES:
                 self._insert(db, batch)
                 batch, pending = [], 0
         seconds = time.monotonic() - started
-        self._insert(db, batch, (old, new, index_delta, count, total, seconds, time.time()))
+        self._insert(db, batch, (old, new, version, index_delta, count, total, seconds, time.time()))
         return CachedPair(index_delta, count, total, seconds)
 
     @staticmethod
     def _insert(db: sqlite3.Connection, rows: list[tuple], pair: tuple | None = None) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT OR REPLACE INTO delta_items VALUES (?, ?, ?, ?, ?, ?)", rows)
             if pair is not None:
-                db.execute("INSERT OR REPLACE INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?)", pair)
+                db.execute("INSERT OR REPLACE INTO delta_pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", pair)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+
+def _item(shape: bytes, data: bytes, version: int) -> AnyDeltaItem:
+    obj = msgpack.unpackb(shape, raw=False)
+    obj[-1] = data
+    return decode_item(obj, version)

@@ -11,7 +11,7 @@ import msgpack
 from chunkstore.delta import MAX_DELTA_BYTES, PathMatcher, header_entries, zstd_encode
 from chunkstore.headerdelta import encode_headers
 from chunkstore.index import ImageIndex, LayerIndex
-from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaItem
+from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, AnyDeltaItem, DeltaGroup, DeltaItem, Range
 
 GetChunk = Callable[[bytes], bytes]
 # zstd levels, measured on the bench pairs: 10 for content (python: 5.12 MB in 1.1 s CPU; 9: 5.70 MB, 12: 4.98 MB
@@ -19,6 +19,11 @@ GetChunk = Callable[[bytes], bytes]
 CONTENT_LEVEL = 10
 SMALL_LEVEL, SMALL_TARGET = 19, 256 << 10
 HEADER_LEVEL = 9
+# Version 3 groups targets up to GROUP_TARGET into one zstd frame (level 19) of at most GROUP_BYTES, bases deduped and
+# at most MAX_DELTA_BYTES. Measured (node / debian update, content bytes): single items 52.0 / 955.9 kB; grouped up to
+# 16 KiB 46.6 / 930.5 kB; 64 KiB 45.1 / 934.2 kB; 256 KiB 42.2 / 934.7 kB, but 1.75 s CPU on debian instead of 0.9.
+GROUP_TARGET = 16 << 10
+GROUP_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -168,17 +173,63 @@ class Planner:
         return DeltaItem(target.kind, target.layer, target.first, target.count, target.base_layer,
                          target.base_first, target.base_count, data)
 
-    def items(self) -> Iterator[DeltaItem]:
+    def items(self, grouped: bool = False) -> Iterator[AnyDeltaItem]:
+        """Every item, in order; `grouped` (version 3): small content targets as group items."""
+        group = _Group()
         for target, header in self.targets():
-            yield self.encode(target, header)
+            size = _size(self.new.layers[target.layer], target.first, target.count)
+            if not grouped or target.kind != DELTA_CONTENT or size > GROUP_TARGET:
+                yield self.encode(target, header)
+                continue
+            base = (target.base_layer, target.base_first, target.base_count)
+            base_size = _size(self.old.layers[target.base_layer], target.base_first, target.base_count)
+            if not group.fits(size, base, base_size):
+                yield self.encode_group(group)
+                group = _Group()
+            group.add((target.layer, target.first, target.count), size, base, base_size)
+        if group.targets:
+            yield self.encode_group(group)
+
+    def encode_group(self, group: _Group) -> DeltaGroup:
+        goal = b"".join(self.get(cid) for layer, first, count in group.targets
+                        for cid in _ids(self.new.layers[layer], first, count))
+        base = b"".join(self.get(cid) for layer, first, count in group.bases
+                        for cid in _ids(self.old.layers[layer], first, count))
+        return DeltaGroup(tuple(group.targets), tuple(group.bases), zstd_encode(goal, base, SMALL_LEVEL))
+
+
+class _Group:
+    """The ranges of one group item being gathered: targets in order, bases each once."""
+
+    def __init__(self) -> None:
+        self.targets: list[Range] = []
+        self.bases: list[Range] = []
+        self.size = self.base_size = 0
+
+    def fits(self, size: int, base: Range, base_size: int) -> bool:
+        more = 0 if base in self.bases else base_size
+        return not self.targets or (self.size + size <= GROUP_BYTES and self.base_size + more <= MAX_DELTA_BYTES)
+
+    def add(self, target: Range, size: int, base: Range, base_size: int) -> None:
+        self.targets.append(target)
+        self.size += size
+        if base not in self.bases:
+            self.bases.append(base)
+            self.base_size += base_size
 
 
 def _ids(layer: LayerIndex, first: int, count: int) -> list[bytes]:
     return [layer.chunks.id_at(i) for i in range(first, first + count)]
 
 
-def target_ids(new: ImageIndex, item: DeltaItem) -> list[bytes]:
+def _size(layer: LayerIndex, first: int, count: int) -> int:
+    return sum(layer.chunks.lengths[first:first + count])
+
+
+def target_ids(new: ImageIndex, item: AnyDeltaItem) -> list[bytes]:
     """The chunk ids an item delivers."""
+    if isinstance(item, DeltaGroup):
+        return [cid for layer, first, count in item.targets for cid in _ids(new.layers[layer], first, count)]
     layer = new.layers[item.layer]
     if item.kind == DELTA_HEADERS:
         return [cid for cid, _ in layer.header_chunks]

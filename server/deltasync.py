@@ -11,7 +11,7 @@ import msgpack
 
 from chunkstore.indexdelta import encode_index_delta
 from chunkstore.store import LocalStore
-from chunkstore.wire import DeltaItem, encode_delta
+from chunkstore.wire import AnyDeltaItem, encode_delta
 
 from .deltacache import CachedPair, DeltaCache
 from .deltas import Planner, target_ids
@@ -26,6 +26,7 @@ FRAME_DATA_BYTES = 4 << 20  # delta bytes per DELTA frame: small frames let the 
 @dataclass
 class DeltaAnswer:
     base: IndexedImage
+    version: int                  # the protocol version the items are encoded for
     index_delta: bytes            # msgpack {size, data}
     covered: set[bytes]           # chunk ids the sent items deliver
     seqs: list[int]               # the items to send
@@ -36,17 +37,17 @@ class DeltaSource:
         self.store, self.indexer, self.cache, self.metrics = store, indexer, cache, metrics
         self._flights: SingleFlight[CachedPair] = SingleFlight()
 
-    def pair(self, base: IndexedImage, image: IndexedImage) -> CachedPair:
+    def pair(self, base: IndexedImage, image: IndexedImage, version: int) -> CachedPair:
         """The pair's cached deltas, computed now if no one has (concurrent devices share one computation)."""
-        key = (base.manifest_digest, image.manifest_digest)
+        key = (base.manifest_digest, image.manifest_digest, version)
         found = self.cache.get(*key)
         if found is not None:
             self.metrics.inc("chunksync_delta_pairs_total", outcome="cached")
             return found
-        return self._flights.do(key, lambda: self._compute(base, image))
+        return self._flights.do(key, lambda: self._compute(base, image, version))
 
-    def _compute(self, base: IndexedImage, image: IndexedImage) -> CachedPair:
-        found = self.cache.get(base.manifest_digest, image.manifest_digest)
+    def _compute(self, base: IndexedImage, image: IndexedImage, version: int) -> CachedPair:
+        found = self.cache.get(base.manifest_digest, image.manifest_digest, version)
         if found is not None:  # another flight finished it a moment ago
             self.metrics.inc("chunksync_delta_pairs_total", outcome="cached")
             return found
@@ -56,32 +57,33 @@ class DeltaSource:
         self.indexer.ensure_chunks(image, [cid for cid, _ in image.ordered_chunks()])
         index_delta = msgpack.packb(encode_index_delta(image.index, base.index), use_bin_type=True)
         planner = Planner(image.index, base.index, self.store.get)
-        pair = self.cache.put(base.manifest_digest, image.manifest_digest, index_delta, planner.items(), started)
+        pair = self.cache.put(base.manifest_digest, image.manifest_digest, version, index_delta,
+                              planner.items(grouped=version >= 3), started)
         self.metrics.inc("chunksync_delta_pairs_total", outcome="computed")
         self.metrics.observe("chunksync_delta_compute_seconds", pair.seconds)
         log.info("deltas %s -> %s: %d items, %.3f MB in %.2f s", base.manifest_digest[:19],
                  image.manifest_digest[:19], pair.items, pair.bytes / 1e6, pair.seconds)
         return pair
 
-    def answer(self, base: IndexedImage, image: IndexedImage, wanted: list[bytes]) -> DeltaAnswer:
-        """What to send this device: the items delivering at least one chunk it lacks."""
-        pair = self.pair(base, image)
+    def answer(self, base: IndexedImage, image: IndexedImage, wanted: list[bytes], version: int) -> DeltaAnswer:
+        """What to send this device (protocol `version`): the items delivering at least one chunk it lacks."""
+        pair = self.pair(base, image, version)
         wanted_set = set(wanted)
         covered: set[bytes] = set()
         seqs = []
-        for seq, target in enumerate(self.cache.targets(base.manifest_digest, image.manifest_digest)):
+        for seq, target in enumerate(self.cache.targets(base.manifest_digest, image.manifest_digest, version)):
             ids = target_ids(image.index, target)
             if wanted_set.intersection(ids):
                 seqs.append(seq)
                 covered.update(ids)
-        return DeltaAnswer(base, pair.index_delta, covered & wanted_set, seqs)
+        return DeltaAnswer(base, version, pair.index_delta, covered & wanted_set, seqs)
 
     def frames(self, answer: DeltaAnswer, image: IndexedImage, counts: dict[str, int]) -> Iterator[bytes]:
         """DELTA frames of about FRAME_DATA_BYTES each, read from the cache one item at a time."""
         base_ref = (answer.base.repository, answer.base.manifest_digest)
-        batch: list[DeltaItem] = []
+        batch: list[AnyDeltaItem] = []
         size = 0
-        for item in self.cache.items(answer.base.manifest_digest, image.manifest_digest, answer.seqs):
+        for item in self.cache.items(answer.base.manifest_digest, image.manifest_digest, answer.version, answer.seqs):
             if batch and size + len(item.data) > FRAME_DATA_BYTES:
                 yield encode_delta(base_ref, batch)
                 batch, size = [], 0

@@ -94,7 +94,7 @@ class Service:
         candidates.sort(key=lambda other: other.repository != request.repository)  # stable: the device's order
         if not candidates:
             return None
-        return self.deltas.answer(candidates[0], image, plan.ids)
+        return self.deltas.answer(candidates[0], image, plan.ids, request.version)
 
     def prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
         """The repair round: exactly the asked ids, which must all be chunks of the named image."""

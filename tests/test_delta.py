@@ -14,7 +14,9 @@ from chunkstore.delta import DeltaError, PathMatcher, header_entries, normalised
 from chunkstore.headerdelta import decode_headers, encode_headers
 from chunkstore.index import ImageIndex, IndexFormatError, LayerIndex, chunk_id, index_layer
 from chunkstore.indexdelta import decode_index_delta, encode_index_delta
-from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS
+from chunkstore.store import LocalStore
+from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup
+from client.deltas import DeltaApplier
 from server.deltas import Planner, target_ids
 from tarkit import LONG_DIR, gnu_tar, make_tree, touched_copy
 
@@ -48,6 +50,9 @@ def tars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Layer]:
     text = topics.read_bytes()
     topics.write_bytes(text[:300_000] + b"# an edit in the middle of a big file\n" + text[300_000:])
     (edited / "etc/apt/NEW-3.2.1.conf").write_bytes(b"new file\n" * 30)
+    for name in ("encoders.py", "errors.py", "base64mime.py"):  # small files edited: version 3 groups them
+        small = edited / "usr/lib/python3.11/email" / name
+        small.write_bytes(small.read_bytes().replace(b"\n\n", b"\n\n# edited\n\n", 1))
     shutil.move(edited / "usr/lib/python3.11/json", edited / "usr/lib/python3.11/json-2.0.1")
     out = {
         "old": gnu_tar(tree, tmp / "old.tar", "--sort=name"),
@@ -199,3 +204,30 @@ def test_planner_bases_each_changed_file_on_its_old_version(tars: dict[str, Laye
     content = sum(len(item.data) for item in items if item.kind == DELTA_CONTENT)
     plain = sum(len(chunks[cid]) for cid in missing)
     assert content < plain / 20, (content, plain)
+
+
+def test_grouped_items_deliver_the_same_chunks_in_fewer_bytes_and_the_device_rebuilds_them(
+        tars: dict[str, Layer], tmp_path: Path) -> None:
+    old, new = tars["old"], tars["edited"]
+    chunks = {**old.chunks, **new.chunks}
+    old_image, new_image = image(old, "sha256:" + "a" * 64), image(new, "sha256:" + "b" * 64)
+    single = list(Planner(new_image, old_image, chunks.__getitem__).items())
+    grouped = list(Planner(new_image, old_image, chunks.__getitem__).items(grouped=True))
+    groups = [item for item in grouped if isinstance(item, DeltaGroup)]
+    assert groups and len(grouped) < len(single)
+    delivered = [cid for item in grouped for cid in target_ids(new_image, item)]
+    assert sorted(delivered) == sorted(cid for item in single for cid in target_ids(new_image, item))
+    assert sum(len(item.data) for item in grouped) < sum(len(item.data) for item in single)
+
+    store = LocalStore(tmp_path / "device")  # a device holding the old image, exactly as a pull leaves it
+    store.put_many(old.chunks.items())
+    store.put_image("test/app", old_image.manifest_digest, old_image.encode(), complete=True)
+    applier = DeltaApplier(store, [("test/app", old_image.manifest_digest)])
+    for item in groups:
+        assert applier.apply(("test/app", old_image.manifest_digest), item, new_image) == \
+            [(cid, chunks[cid]) for cid in target_ids(new_image, item)]
+    damaged = DeltaGroup(groups[0].targets, groups[0].bases, groups[0].data[:-3] + b"xyz")
+    outside = DeltaGroup(((0, len(new.index.chunks), 1),), groups[0].bases, groups[0].data)
+    for bad in (damaged, outside):
+        with pytest.raises(DeltaError):
+            applier.apply(("test/app", old_image.manifest_digest), bad, new_image)

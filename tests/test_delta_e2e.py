@@ -1,18 +1,22 @@
-"""Deltas end to end (protocol version 2): the real registry, the real `chunksync serve` and `chunksync pull`
+"""Deltas end to end (protocol versions 2 and 3): the real registry, the real `chunksync serve` and `chunksync pull`
 processes; changed files arrive encoded against the device's own old files, the index against its old index,
 and every layer is verified as usual. Tampering on the way is done by a real proxy (tests/delta_proxy.py)."""
 from __future__ import annotations
 
+import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from delta_proxy import CORRUPT_DELTA, REBASE_DELTA, DeltaProxy
+from chunkstore.index import decode_index
+from chunkstore.wire import FRAME_DELTA, DeltaGroup, SyncRequest, decode_delta, read_frames
+from delta_proxy import CORRUPT_DELTA, CORRUPT_GROUP, REBASE_DELTA, DeltaProxy
 from helpers import Registry, build_image, push_image
 from pull_tools import ImagePair, pull, push_pair, skopeo_config_digest
-from server_process import ServerProcess
+from server.deltas import target_ids
+from server_process import Answer, ServerProcess, post
 from tarkit import make_tree, touched_copy
 from test_pull_e2e import layer_files_match_config
 
@@ -93,9 +97,10 @@ def test_a_delta_against_an_image_the_device_does_not_hold_is_refused(pair: Imag
     layer_files_match_config(tmp_path / "out", "v2")
 
 
+@pytest.mark.parametrize("mode", [CORRUPT_DELTA, CORRUPT_GROUP])
 def test_a_corrupted_delta_is_repaired_with_plain_chunks(pair: ImagePair, server: ServerProcess, v1_store: Path,
-                                                         tmp_path: Path) -> None:
-    with DeltaProxy(server.url, CORRUPT_DELTA) as proxy:
+                                                         tmp_path: Path, mode: str) -> None:
+    with DeltaProxy(server.url, mode) as proxy:
         result = pull(pair.ref("v2"), proxy.url, device(v1_store, tmp_path), "--out", f"oci:{tmp_path / 'out'}")
     report = result.report
     assert proxy.tampered_items == 1
@@ -103,6 +108,25 @@ def test_a_corrupted_delta_is_repaired_with_plain_chunks(pair: ImagePair, server
     assert report["path"] == "repair" and report["repair_chunks"] > 0
     assert "damaged" in result.stderr
     layer_files_match_config(tmp_path / "out", "v2")
+
+
+def test_version_2_devices_get_the_same_chunks_without_group_items(pair: ImagePair, server: ServerProcess,
+                                                                   v1_store: Path) -> None:
+    v1, v2 = (decode_index(Answer(post(server.url, "/v1/sync", SyncRequest(REPO, pair.digests[tag]).encode()))
+                           .header["index"]) for tag in ("v1", "v2"))  # type: ignore[index]
+    delivered = {}
+    for version in (2, 3):
+        request = SyncRequest(REPO, pair.digests["v2"], have_images=[(REPO, pair.digests["v1"])], version=version)
+        response = post(server.url, "/v1/sync", request.encode())
+        assert response.status_code == 200, response.text
+        frames = list(read_frames(io.BytesIO(response.content)))
+        # decode_delta for version 2 refuses group items: a version-2 device never gets one.
+        items = [item for f in frames if f.type == FRAME_DELTA for item in decode_delta(f.payload, version)[1]]
+        assert items and (version == 2) != any(isinstance(item, DeltaGroup) for item in items)
+        plain = {cid for cid, _ in Answer(response).chunks}
+        delivered[version] = {cid for item in items for cid in target_ids(v2, item)} | plain
+        assert delivered[version] == v2.chunk_ids() - v1.chunk_ids()
+    assert delivered[2] == delivered[3]
 
 
 def test_an_mtime_only_rebuild_sends_almost_nothing(registry: Registry, server: ServerProcess,

@@ -84,7 +84,7 @@ def pack(fields: dict) -> bytes:
     return msgpack.packb({k: v for k, v in fields.items() if v is not DROP}, use_bin_type=True)
 
 
-sync_bodies = st.builds(lambda **f: pack(f), v=field_or(st.sampled_from([1, 2, 0, 3, -1, True])),
+sync_bodies = st.builds(lambda **f: pack(f), v=field_or(st.sampled_from([1, 2, 3, 0, 4, -1, True])),
                         repository=field_or(names), reference=field_or(references),
                         platform=field_or(st.sampled_from(["linux/amd64", "linux", "a/b/c/d", "../x/y", ""])),
                         have_images=field_or(have_images), bloom=field_or(blooms))

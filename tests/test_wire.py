@@ -14,9 +14,10 @@ from hypothesis import given, settings, strategies as st
 
 from chunkstore.bloom import BloomFilter
 from chunkstore.index import chunk_id
-from chunkstore.wire import (FRAME_CHUNKS, FRAME_END, FRAME_HEADER, MAX_CHUNKS_FRAME_BYTES, MAX_FRAME_PAYLOAD,
-                             MAX_HAVE_IMAGES, ChunksRequest, ProtocolError, SyncRequest, batch_chunks,
-                             decode_chunks, decode_chunks_request, decode_sync_request, encode_end, encode_error,
+from chunkstore.wire import (DELTA_CONTENT, DELTA_GROUP, FRAME_CHUNKS, FRAME_END, FRAME_HEADER, MAX_CHUNKS_FRAME_BYTES,
+                             MAX_FRAME_PAYLOAD, MAX_GROUP_RANGES, MAX_HAVE_IMAGES, ChunksRequest, DeltaGroup, DeltaItem,
+                             ProtocolError, SyncRequest, batch_chunks, decode_chunks, decode_chunks_request,
+                             decode_delta, decode_item, decode_sync_request, encode_delta, encode_end, encode_error,
                              encode_frame, encode_header, read_frames)
 
 DIGEST = "sha256:" + "c" * 64
@@ -67,7 +68,7 @@ BAD_SYNC = {
     "not a map": msgpack.packb([1, 2]),
     "trailing bytes": sync() + b"x",
     "no version": sync(v=DROP),
-    "version 3": sync(v=3),
+    "version 4": sync(v=4),
     "repository missing": sync(repository=DROP),
     "repository as bytes": sync(repository=b"library/app"),
     "traversal in repository": sync(repository="../../etc/passwd"),
@@ -257,3 +258,35 @@ def test_random_frame_bytes_only_raise_protocol_error(data: bytes) -> None:
 def test_end_frame_counts() -> None:
     (frame,) = read_frames(io.BytesIO(encode_end(chunks=3, bytes=10, skipped=1)))
     assert frame.type == FRAME_END and frame.payload == {"chunks": 3, "bytes": 10, "skipped": 1}
+
+
+# --- DELTA group items (version 3) ------------------------------------------------------------------------------
+
+GROUP = DeltaGroup(((0, 3, 2), (1, 0, 1)), ((0, 5, 4),), b"zstd")
+
+
+def test_group_items_round_trip_next_to_plain_items() -> None:
+    plain = DeltaItem(DELTA_CONTENT, 0, 1, 2, 0, 1, 3, b"frame")
+    (frame,) = read_frames(io.BytesIO(encode_delta(("library/app", DIGEST), [plain, GROUP])))
+    assert decode_delta(frame.payload) == (("library/app", DIGEST), [plain, GROUP])
+
+
+def test_group_items_are_refused_in_a_version_2_answer() -> None:
+    (frame,) = read_frames(io.BytesIO(encode_delta(("library/app", DIGEST), [GROUP])))
+    with pytest.raises(ProtocolError, match="an item must be"):
+        decode_delta(frame.payload, version=2)
+
+
+@pytest.mark.parametrize("item", [
+    [DELTA_GROUP, [0, 1], [0, 0, 1], b"d"],                      # not triples
+    [DELTA_GROUP, [], [0, 0, 1], b"d"],                          # no target
+    [DELTA_GROUP, [0, 0, 1], [0, -1, 1], b"d"],                  # negative
+    [DELTA_GROUP, [0, 0, 1], [0, 0, 1 << 40], b"d"],             # too large
+    [DELTA_GROUP, [0, 0, True], [0, 0, 1], b"d"],                # bool
+    [DELTA_GROUP, [0, 0, 1], [0, 0, 1], "d"],                    # data not bytes
+    [DELTA_GROUP, [0, 0, 1] * (MAX_GROUP_RANGES + 1), [0, 0, 1], b"d"],
+    [DELTA_GROUP, [0, 0, 1], b"\0\0\1", b"d"],
+])
+def test_bad_group_items(item: list) -> None:
+    with pytest.raises(ProtocolError):
+        decode_item(item)
