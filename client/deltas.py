@@ -71,10 +71,8 @@ class DeltaApplier:
         return _cut(data, targets)
 
     def _group(self, item: DeltaGroup, base: ImageIndex, new: ImageIndex) -> list[tuple[bytes, bytes]]:
-        targets = [pair for r in item.targets for pair in _range(new, r, "target")]
-        base_size = sum(length for r in item.bases for _, length in _range(base, r, "base"))
-        if base_size > MAX_DELTA_BYTES:
-            raise DeltaError(f"a delta base over {MAX_DELTA_BYTES} bytes")
+        targets = _ranges(new, item.targets, "target")
+        _ranges(base, item.bases, "base")  # sizes checked before a byte of the base is read
         old_bytes = b"".join(self._bytes(base.layers[layer].chunks, first, count) for layer, first, count in item.bases)
         return _cut(zstd_decode(item.data, old_bytes, _size(targets)), targets)
 
@@ -88,13 +86,20 @@ class DeltaApplier:
             raise BaseNotHeld(f"a base chunk is missing from the store or damaged: {exc}") from None
 
 
-def _range(index: ImageIndex, r: Range, what: str) -> list[tuple[bytes, int]]:
-    """(id, length) of the content chunks a group's range names; DeltaError if it is outside the index."""
-    layer, first, count = r
-    if layer >= len(index.layers) or first + count > len(index.layers[layer].chunks):
-        raise DeltaError(f"a group item's {what} range {r} is outside its image")
-    chunks = index.layers[layer].chunks
-    return [(chunks.id_at(i), chunks.lengths[i]) for i in range(first, first + count)]
+def _ranges(index: ImageIndex, ranges: tuple[Range, ...], what: str) -> list[tuple[bytes, int]]:
+    """(id, length) of the content chunks a group's ranges name; DeltaError as soon as a range is outside the index
+    or they add up to more than MAX_DELTA_BYTES (a lying server cannot make the device walk its index unbounded)."""
+    out: list[tuple[bytes, int]] = []
+    size = 0
+    for layer, first, count in ranges:
+        if layer >= len(index.layers) or first + count > len(index.layers[layer].chunks):
+            raise DeltaError(f"a group item's {what} range {(layer, first, count)} is outside its image")
+        chunks = index.layers[layer].chunks
+        size += sum(chunks.lengths[first:first + count])
+        if size > MAX_DELTA_BYTES:
+            raise DeltaError(f"a group item's {what} is over {MAX_DELTA_BYTES} bytes")
+        out += ((chunks.id_at(i), chunks.lengths[i]) for i in range(first, first + count))
+    return out
 
 
 def _size(targets: list[tuple[bytes, int]]) -> int:

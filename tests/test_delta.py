@@ -228,6 +228,8 @@ def test_grouped_items_deliver_the_same_chunks_in_fewer_bytes_and_the_device_reb
             [(cid, chunks[cid]) for cid in target_ids(new_image, item)]
     damaged = DeltaGroup(groups[0].targets, groups[0].bases, groups[0].data[:-3] + b"xyz")
     outside = DeltaGroup(((0, len(new.index.chunks), 1),), groups[0].bases, groups[0].data)
-    for bad in (damaged, outside):
+    whole = (0, 0, len(old.index.chunks))  # the whole old layer, 65,536 times: refused before any byte is read
+    too_big = DeltaGroup(groups[0].targets, (whole,) * 65_536, groups[0].data)
+    for bad in (damaged, outside, too_big):
         with pytest.raises(DeltaError):
             applier.apply(("test/app", old_image.manifest_digest), bad, new_image)
