@@ -34,6 +34,7 @@ def require_tools(*names: str) -> None:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (callers race other processes for it, so starts retry)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,11 +43,12 @@ def free_port() -> int:
 class Process:
     """A child process with its output in a log file, up once `health_url` answers 200 (or 401)."""
 
-    def __init__(self, args: list[str], log: Path, health_url: str, what: str, timeout: float = 20.0) -> None:
+    def __init__(self, args: list[str], log: Path, health_url: str, what: str, timeout: float = 20.0,
+                 env: dict[str, str] | None = None) -> None:
         self.log = log
         self.what = what
         with log.open("ab") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
@@ -59,13 +61,18 @@ class Process:
         raise SandboxError(f"{what} did not start: {log.read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
+        """SIGTERM (graceful), SIGKILL if it has not ended within 10 s."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                self.kill()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def start_registry(workdir: Path) -> tuple[Process, str]:

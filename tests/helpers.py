@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ import httpx
 
 from chunkstore.oci import OCI_INDEX, sha256_digest, validate_digest
 from client.registry import RegistryClient
+from client.sandbox import free_port  # noqa: F401 - tests import it from here too
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 
@@ -73,12 +73,6 @@ class Registry:
                 self.process.kill()
                 self.process.wait()
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the caller races other processes for it; start_registry retries)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_htpasswd(users: Mapping[str, str], path: Path) -> Path:

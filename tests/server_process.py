@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import zstandard
 
 from chunkstore.wire import FRAME_CHUNKS, FRAME_END, FRAME_ERROR, FRAME_HEADER, decode_chunks, read_frames
 from helpers import free_port
+from client.sandbox import Process
 from server.metrics import parse_metrics
 
 CHUNKSYNC = Path(sys.executable).with_name("chunksync")
@@ -49,23 +48,9 @@ class ServerProcess:
             env["CHUNKSYNC_REGISTRY_USER"] = user
             env["CHUNKSYNC_REGISTRY_PASSWORD"] = password or ""
         self.store.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._wait_healthy(timeout)
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"chunksync serve did not come up on {self.url}:\n{self.log()[-3000:]}")
+        self._child = Process(args, self.log_path, f"{self.url}/healthz", f"chunksync serve on {self.url}",
+                              timeout, env=env)
+        self.process = self._child.process
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -74,17 +59,10 @@ class ServerProcess:
         return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._child.stop()
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        self._child.kill()
 
     def __enter__(self) -> ServerProcess:
         return self
