@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from .atomic import atomic_file
 from .index import ChunkList, LayerIndex, chunk_id
 
 GetChunk = Callable[[bytes], bytes]
@@ -70,15 +71,6 @@ def write_layer(layer: LayerIndex, get_chunk: GetChunk, out: BinaryIO) -> str:
 def reassemble_to_file(layer: LayerIndex, get_chunk: GetChunk, path: str | os.PathLike) -> Path:
     """Writes the layer to `path` through a temporary file that is renamed only once the diff_id matches;
     on any failure the partial output is removed and the error raised."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as out:
-            write_layer(layer, get_chunk, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as out:
+        write_layer(layer, get_chunk, out)
+    return Path(path)
