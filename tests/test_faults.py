@@ -28,7 +28,7 @@ from chunkstore.oci import OCI_MANIFEST
 from chunkstore.store import LocalStore
 from fault_proxy import FaultProxy, Link, address_of
 from frame_proxy import FLIP, FrameProxy
-from helpers import Registry
+from helpers import Registry, build_image, push_image
 from pull_tools import PullRun, layout_images, pull, pull_command, pull_env, push_pair, skopeo_config_digest
 from server_process import CHUNKSYNC, ServerProcess
 from soak import trials
@@ -238,21 +238,48 @@ def test_device_killed_at_random_instants_then_retry(registry: Registry, server:
 
 # --- the server killed and restarted mid-stream -------------------------------------------------------------------
 
+HOLD_AT = 1_000_000  # bytes of the answer let through before the link holds: past the HEADER, inside the chunks
 
-def test_server_killed_and_restarted_mid_stream(registry: Registry, target: Target, tmp_path: Path) -> None:
+
+def surviving_bytes_bound() -> int:
+    """What a killed server can still deliver: the kernel keeps sending its socket's send buffer (up to tcp_wmem's
+    maximum) after the process dies, plus what the proxy's receive buffer (128 KiB, doubled by Linux) holds."""
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2]) + (256 << 10)
+
+
+@pytest.fixture(scope="module")
+def bulky(registry: Registry, server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Target:
+    """An image of incompressible content whose answer is MBs longer than HOLD_AT plus every buffer that outlives
+    a killed server; with compressible text, the whole rest of the answer could sit in the dead server's socket
+    buffer and arrive anyway (seen: path "diff", no repair)."""
+    tmp = tmp_path_factory.mktemp("fault-bulky")
+    size = HOLD_AT + surviving_bytes_bound() + (4 << 20)
+    layout = build_image(tmp, [{"data/random.bin": random.Random(3).randbytes(size)}], "v1")
+    repo = "test/faults-bulky"
+    digest = push_image(layout, "v1", registry, repo)
+    ref = f"{registry.host}/{repo}:v1"
+    store = tmp / "reference-store"
+    pull(ref, server.url, store).report
+    record = LocalStore(store).get_image(repo, digest)
+    assert record is not None
+    return Target(repo, {"v1": digest}, {"v1": skopeo_config_digest(ref)},
+                  {"v1": decode_index(record.index_data).chunk_ids()})
+
+
+def test_server_killed_and_restarted_mid_stream(registry: Registry, bulky: Target, tmp_path: Path) -> None:
     server_store = tmp_path / "server" / "store"
     server = ServerProcess(registry.url, store=server_store)
     link = Link()
     try:
         with FaultProxy(address_of(server.url), link) as proxy:
-            link.hold_after(1_000_000)  # past the HEADER, inside the chunks
+            link.hold_after(HOLD_AT)
             store, layout = tmp_path / "store", tmp_path / "out"
             process = subprocess.Popen(
-                pull_command(f"{registry.host}/{target.repo}:v1", proxy.url, store, "--out", f"oci:{layout}"),
+                pull_command(f"{registry.host}/{bulky.repo}:v1", proxy.url, store, "--out", f"oci:{layout}"),
                 env=pull_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 assert link.held.wait(60), "the answer never reached the hold point"
-                server.kill()  # mid-stream: most of the answer is still in the dead server
+                server.kill()  # mid-stream: the rest of the answer is more than the dead server's buffers hold
                 server = ServerProcess(registry.url, store=server_store, port=server.port)
             finally:
                 link.release()
@@ -260,7 +287,7 @@ def test_server_killed_and_restarted_mid_stream(registry: Registry, target: Targ
     finally:
         server.stop()
     run = PullRun(process.returncode, stdout, stderr)
-    report = assert_retry_complete(run, target, "v1", layout, set())
+    report = assert_retry_complete(run, bulky, "v1", layout, set())
     # The cut cost one repair round to the restarted server, not a registry pull.
     assert report["path"] == "repair" and report["repair_chunks"] > 0, report
     assert "asking for" in stderr
