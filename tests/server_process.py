@@ -28,7 +28,7 @@ import zstandard
 
 from chunkstore.wire import FRAME_CHUNKS, FRAME_END, FRAME_ERROR, FRAME_HEADER, decode_chunks, read_frames
 from helpers import free_port
-from client.sandbox import Process
+from client.sandbox import Process, SandboxError
 from server.metrics import parse_metrics
 
 CHUNKSYNC = Path(sys.executable).with_name("chunksync")
@@ -38,18 +38,26 @@ class ServerProcess:
     def __init__(self, registry_url: str, *, store: Path, port: int | None = None, user: str | None = None,
                  password: str | None = None, extra_args: Sequence[str] = (), timeout: float = 20.0) -> None:
         self.store = Path(store)
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.store.parent / f"server-{self.port}.log"
-        args = [str(CHUNKSYNC), "serve", "--registry", registry_url, "--listen", f"127.0.0.1:{self.port}",
-                "--store", str(self.store), *extra_args]
         env = dict(os.environ)
         if user is not None:
             env["CHUNKSYNC_REGISTRY_USER"] = user
             env["CHUNKSYNC_REGISTRY_PASSWORD"] = password or ""
         self.store.parent.mkdir(parents=True, exist_ok=True)
-        self._child = Process(args, self.log_path, f"{self.url}/healthz", f"chunksync serve on {self.url}",
-                              timeout, env=env)
+        for attempt in range(3):
+            self.port = port or free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log_path = self.store.parent / f"server-{self.port}.log"
+            args = [str(CHUNKSYNC), "serve", "--registry", registry_url, "--listen", f"127.0.0.1:{self.port}",
+                    "--store", str(self.store), *extra_args]
+            try:
+                self._child = Process(args, self.log_path, f"{self.url}/healthz", f"chunksync serve on {self.url}",
+                                      timeout, env=env)
+                break
+            except SandboxError as exc:
+                # free_port() races every other process on the machine for the port (start_registry retries
+                # too); a port the caller chose is the caller's to keep.
+                if port is not None or "address already in use" not in str(exc) or attempt == 2:
+                    raise
         self.process = self._child.process
 
     def log(self) -> str:
