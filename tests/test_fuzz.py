@@ -125,13 +125,15 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-def assert_clear_answer(response: httpx.Response) -> None:
-    """200 with frames that decode, or a JSON 4xx naming what is wrong; never a 5xx."""
+def assert_clear_answer(response: httpx.Response, server: ServerProcess | None = None) -> None:
+    """200 with frames that decode, or a JSON 4xx naming what is wrong; never a 5xx (the server's log, with its
+    traceback if it has one, goes into the failure message)."""
     if response.status_code == 200:
         for _ in read_frames(io.BytesIO(response.content)):
             pass
         return
-    assert 400 <= response.status_code < 500, (response.status_code, response.text[:500])
+    assert 400 <= response.status_code < 500, (response.status_code, response.request.content[:300],
+                                               response.text[:500], server.log()[-4000:] if server else "")
     error = response.json()["error"]
     assert error["code"] and error["message"] and "Traceback" not in error["message"]
 
@@ -142,7 +144,7 @@ def test_server_requests_over_http(server: ServerProcess) -> None:
     @settings(max_examples=HTTP_CASES, **HYPOTHESIS)
     @given(body=request_bodies, path=st.sampled_from(["/v1/sync", "/v1/chunks"]))
     def requests(body: bytes, path: str) -> None:
-        assert_clear_answer(client.post(path, content=body))
+        assert_clear_answer(client.post(path, content=body), server)
         counted("server_http_requests")
 
     @settings(max_examples=HTTP_CASES // 4, **HYPOTHESIS)
@@ -155,7 +157,7 @@ def test_server_requests_over_http(server: ServerProcess) -> None:
         response = client.get(url)
         if response.status_code == 404 and not response.headers.get("content-type", "").startswith("application/json"):
             return  # a path that matches no route at all (e.g. with a slash in it): Starlette's plain 404
-        assert_clear_answer(response)
+        assert_clear_answer(response, server)
         counted("server_http_chunk_gets")
 
     try:
