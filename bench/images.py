@@ -32,17 +32,10 @@ def log(msg: str) -> None:
     print(f"[images {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
-
 
 def _diff_id(tar: Path) -> str:
     """sha256 of the uncompressed tar (~1 GB/s: cheaper than trusting a side file to still match)."""
-    return _sha256_file(tar)
+    return corpus.sha256_file(tar)
 
 
 def layer_blob(tar: Path, cache: Path) -> dict:
@@ -63,7 +56,7 @@ def layer_blob(tar: Path, cache: Path) -> dict:
         subprocess.run(["gzip", "-6", "-n", "-c"], stdin=src, stdout=dst, check=True)
     c1 = os.times()
     os.rename(tmp, blob)
-    meta = {"diff_id": diff_id, "digest": _sha256_file(blob), "size": blob.stat().st_size, "path": str(blob),
+    meta = {"diff_id": diff_id, "digest": corpus.sha256_file(blob), "size": blob.stat().st_size, "path": str(blob),
             "tar_bytes": tar.stat().st_size, "gzip_cmd": "gzip -6 -n -c",
             "gzip_cpu_s": round(c1.children_user - c0.children_user + c1.children_system - c0.children_system, 3),
             "gzip_wall_s": round(time.monotonic() - t0, 3)}
