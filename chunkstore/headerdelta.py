@@ -9,6 +9,10 @@ import numpy as np
 import zstandard
 
 from .delta import BLOCK, MAX_DELTA_BYTES, DeltaError, Entry, PathMatcher, header_entries, zstd_decode, zstd_encode
+from .varint import read_varints as _read_varints
+from .varint import unzigzag as _unzigzag
+from .varint import varints as _varints
+from .varint import zigzag as _zigzag
 
 _MTIME = slice(136, 148)
 _CHKSUM = slice(148, 156)
@@ -63,39 +67,6 @@ def _zero_fields(stream: np.ndarray, blocks: list[int]) -> None:
 
 
 # --- ops: the new stream's non-padding bytes as copies of old members and literals ----------------------------
-
-def _varints(values: Sequence[int]) -> bytes:
-    out = bytearray()
-    for value in values:
-        while value >= 0x80:
-            out.append((value & 0x7F) | 0x80)
-            value >>= 7
-        out.append(value)
-    return bytes(out)
-
-
-def _read_varints(data: bytes) -> list[int]:
-    values, value, shift = [], 0, 0
-    for byte in data:
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if shift > 63:
-            raise DeltaError("header delta: a number is too long")
-        if not byte & 0x80:
-            values.append(value)
-            value, shift = 0, 0
-    if shift:
-        raise DeltaError("header delta: truncated number")
-    return values
-
-
-def _zigzag(n: int) -> int:
-    return -2 * n - 1 if n < 0 else 2 * n
-
-
-def _unzigzag(n: int) -> int:
-    return -(n + 1) // 2 if n & 1 else n // 2
-
 
 def _plan_ops(new: list[Entry], old: list[Entry]) -> list[tuple[int, int]]:
     """[(count, start)]: `count` old members from index `start`, or (length, -1): `length` literal bytes."""

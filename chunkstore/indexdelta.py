@@ -1,19 +1,23 @@
 """A chunk index encoded against an older index the device holds (docs/PROTOCOL.md, "Index deltas"): both are
 laid out flat, each file's run lengths next to its chunk ids and lengths, so an unchanged or moved file is one
-zstd match against the old layout instead of 36 bytes per chunk."""
+zstd match against the old layout instead of 36 bytes per chunk. Version 4's `runs` layout names a file whose
+chunks the old index holds by its old run number: a reordered rebuild costs a varint per file, not a zstd match."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 
 import msgpack
 
 from .chunker import ALGORITHM
 from .delta import DeltaError, zstd_decode, zstd_encode
 from .index import ID_SIZE, MAX_INDEX_BYTES, ImageIndex, IndexFormatError, LayerIndex, decode_index
+from .varint import read_varints, unzigzag, varints, zigzag
 
 _RUN = struct.Struct("<QQ")
 _CHUNK = struct.Struct(f"<{ID_SIZE}sI")
+_LEN = struct.Struct("<Q")
 LEVEL = 19  # the index is a few hundred KB and the answer is cached per image pair: spend CPU on bytes
 
 
@@ -21,62 +25,146 @@ def flat(index: ImageIndex) -> bytes:
     """The layout both sides compress against: a msgpack stream of the index's scalars, then per layer a map of
     its descriptors and a byte string: each run (header_len, content_len as u64) followed by its content chunks
     (id, u32 length), then the layer's header chunks."""
-    params = index.params
-    parts = [msgpack.packb({"manifest_digest": index.manifest_digest, "layers": len(index.layers),
-                            "chunking": [ALGORITHM, params.min_size, params.avg_size, params.max_size]})]
+    parts = [_head(index)]
     for layer in index.layers:
-        parts.append(msgpack.packb({
-            "media_type": layer.media_type, "digest": layer.digest, "size": layer.size, "diff_id": layer.diff_id,
-            "uncompressed_size": layer.uncompressed_size, "runs": len(layer.runs) // 2,
-            "header_chunks": len(layer.header_chunks)}))
+        parts.append(_scalars(layer))
         parts.append(msgpack.packb(_layer_body(layer), use_bin_type=True))
     return b"".join(parts)
 
 
-def _layer_body(layer: LayerIndex) -> bytes:
+def _head(index: ImageIndex) -> bytes:
+    params = index.params
+    return msgpack.packb({"manifest_digest": index.manifest_digest, "layers": len(index.layers),
+                          "chunking": [ALGORITHM, params.min_size, params.avg_size, params.max_size]})
+
+
+def _scalars(layer: LayerIndex) -> bytes:
+    return msgpack.packb({
+        "media_type": layer.media_type, "digest": layer.digest, "size": layer.size, "diff_id": layer.diff_id,
+        "uncompressed_size": layer.uncompressed_size, "runs": len(layer.runs) // 2,
+        "header_chunks": len(layer.header_chunks)})
+
+
+def _layer_body(layer: LayerIndex, literal: Sequence[bool] | None = None) -> bytes:
+    """Each run's lengths and content chunks, then the header chunks; with `literal` (runs layout) only the runs it
+    marks, each as content_len alone (header_len travels in `heads`)."""
     out = bytearray()
-    chunks: Iterator[tuple[bytes, int]] = iter(layer.chunks)
-    for header_len, content_len in layer.run_pairs():
-        out += _RUN.pack(header_len, content_len)
-        covered = 0
-        while covered < content_len:
-            cid, length = next(chunks)
+    for run, ((header_len, content_len), chunks) in enumerate(zip(layer.run_pairs(), _run_chunks(layer))):
+        if literal is None:
+            out += _RUN.pack(header_len, content_len)
+        elif not literal[run]:
+            continue
+        else:
+            out += _LEN.pack(content_len)
+        for cid, length in chunks:
             out += _CHUNK.pack(cid, length)
-            covered += length
     for cid, length in layer.header_chunks:
         out += _CHUNK.pack(cid, length)
     return bytes(out)
 
 
-def encode_index_delta(new: ImageIndex, old: ImageIndex, level: int = LEVEL) -> dict:
-    """`{size, data}`: the flat layout of `new` as one zstd frame with the flat layout of `old` as raw dictionary."""
+def _run_chunks(layer: LayerIndex) -> Iterator[list[tuple[bytes, int]]]:
+    """Each run's content chunks."""
+    chunks: Iterator[tuple[bytes, int]] = iter(layer.chunks)
+    for content_len in layer.runs[1::2]:
+        run, covered = [], 0
+        while covered < content_len:
+            cid, length = next(chunks)
+            run.append((cid, length))
+            covered += length
+        yield run
+
+
+def encode_index_delta(new: ImageIndex, old: ImageIndex, level: int = LEVEL, runs: bool = False) -> dict:
+    """`{size, data}`: the flat layout of `new` as one zstd frame with the flat layout of `old` as raw dictionary.
+    `runs` (version 4): also the runs layout, `{layout: "runs", size, data}`, and the smaller of the two is it (a
+    reordered rebuild: 17.1 kB flat, 8.9 kB runs; an update in place: the runs layout is 5-35% larger)."""
+    base = flat(old)
     target = flat(new)
-    return {"size": len(target), "data": zstd_encode(target, flat(old), level)}
+    best = {"size": len(target), "data": zstd_encode(target, base, level)}
+    if runs:
+        target = _runs_layout(new, old)
+        other = {"layout": "runs", "size": len(target), "data": zstd_encode(target, base, level)}
+        best = other if len(other["data"]) < len(best["data"]) else best
+    return best
 
 
 def decode_index_delta(delta: object, old: ImageIndex) -> ImageIndex:
     """The index an index delta encodes against `old`, validated like any index (IndexFormatError otherwise)."""
     if not (isinstance(delta, dict) and isinstance(delta.get("size"), int) and isinstance(delta.get("data"), bytes)):
         raise IndexFormatError("index delta must be a map with size and data")
+    layout = delta.get("layout", "flat")
+    if layout not in ("flat", "runs"):
+        raise IndexFormatError(f"index delta: unknown layout {str(layout)[:20]!r}")
     try:
         raw = zstd_decode(delta["data"], flat(old), delta["size"])
     except DeltaError as exc:
         raise IndexFormatError(f"index delta does not decode against its base: {exc}") from None
-    return _unflat(raw)
+    return _unflat(raw, _old_runs(old) if layout == "runs" else None)
 
 
-def _unflat(raw: bytes) -> ImageIndex:
+# --- the runs layout (version 4) ---------------------------------------------------------------------------------
+
+def _old_runs(old: ImageIndex) -> list[tuple[int, list[tuple[bytes, int]]]]:
+    """(content_len, content chunks) of every run of the base, its layers' runs numbered in a row."""
+    return [(content_len, chunks) for layer in old.layers
+            for content_len, chunks in zip(layer.runs[1::2], _run_chunks(layer))]
+
+
+def _runs_layout(new: ImageIndex, old: ImageIndex) -> bytes:
+    """flat(new) with each layer's bin replaced by three (docs/PROTOCOL.md, "Index deltas"): refs, heads, body."""
+    where: dict[tuple[int, bytes], list[int]] = {}
+    for g, (content_len, chunks) in enumerate(_old_runs(old)):
+        if content_len:
+            where.setdefault((content_len, b"".join(cid for cid, _ in chunks)), []).append(g)
+    parts = [_head(new)]
+    for layer in new.layers:
+        refs, heads, literal, expected, previous = [], [], [], 0, 0
+        for (header_len, content_len), chunks in zip(layer.run_pairs(), _run_chunks(layer)):
+            found = where.get((content_len, b"".join(cid for cid, _ in chunks))) if content_len else None
+            if found:
+                at = bisect_left(found, expected)  # the next in base order keeps refs small
+                g = found[at] if at < len(found) else found[0]
+                refs.append(zigzag(g - expected) + 1)
+                expected = g + 1
+            else:
+                refs.append(0)
+            literal.append(not found)
+            heads.append(_head_len(header_len, previous))
+            previous = content_len
+        parts += [_scalars(layer), msgpack.packb(varints(refs), use_bin_type=True),
+                  msgpack.packb(varints(heads), use_bin_type=True),
+                  msgpack.packb(_layer_body(layer, literal), use_bin_type=True)]
+    return b"".join(parts)
+
+
+def _head_len(header_len: int, previous_content: int) -> int:
+    """A run's header_len as a small number: the padding after the previous run's content and n 512-byte blocks is
+    n·2; anything else header_len·2 + 1."""
+    blocks, rest = divmod(header_len - -previous_content % 512, 512)
+    return blocks << 1 if blocks >= 0 and not rest else header_len << 1 | 1
+
+
+def _read_head_len(value: int, previous_content: int) -> int:
+    return value >> 1 if value & 1 else -previous_content % 512 + (value >> 1) * 512
+
+
+def _unflat(raw: bytes, old: list[tuple[int, list[tuple[bytes, int]]]] | None = None) -> ImageIndex:
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_bin_len=MAX_INDEX_BYTES)
     unpacker.feed(raw)
     try:
         head = _map(next(unpacker), "index")
         algorithm, low, avg, high = head["chunking"]
         layers = []
+        budget = [MAX_INDEX_BYTES // _CHUNK.size]  # chunks refs may copy: a few bytes of refs cannot mean GBs
         for _ in range(int(head["layers"])):
             scalars = _map(next(unpacker), "layer")
-            body = next(unpacker)
-            if not isinstance(body, bytes):
-                raise IndexFormatError("index delta: a layer body must be bytes")
+            if old is None:
+                layers.append(_layer(scalars, _bin(next(unpacker))))
+                continue
+            refs, heads = read_varints(_bin(next(unpacker)), "index delta"), read_varints(_bin(next(unpacker)),
+                                                                                           "index delta")
+            body = _expand(scalars, refs, heads, _bin(next(unpacker)), old, budget)
             layers.append(_layer(scalars, body))
         if next(unpacker, None) is not None:
             raise IndexFormatError("index delta: trailing data")
@@ -88,8 +176,53 @@ def _unflat(raw: bytes) -> ImageIndex:
     except (StopIteration, KeyError, TypeError, ValueError, struct.error, msgpack.UnpackException) as exc:
         if isinstance(exc, IndexFormatError):
             raise
+        if isinstance(exc, DeltaError):
+            raise IndexFormatError(str(exc)) from None
         raise IndexFormatError(f"index delta: malformed layout ({exc.__class__.__name__}: {str(exc)[:100]})") from None
     return decode_index(encoded)
+
+
+def _expand(scalars: dict, refs: list[int], heads: list[int], body: bytes,
+            old: list[tuple[int, list[tuple[bytes, int]]]], budget: list[int]) -> bytes:
+    """The flat layout's layer bin that a runs layout's refs, heads and body stand for."""
+    runs = int(scalars["runs"])
+    if len(refs) != runs or len(heads) != runs:
+        raise IndexFormatError(f"index delta: {len(refs)} refs and {len(heads)} heads for {runs} runs")
+    out, pos, expected, previous = bytearray(), 0, 0, 0
+    for ref, head in zip(refs, heads):
+        header_len = _read_head_len(head, previous)
+        if ref:
+            g = expected + unzigzag(ref - 1)
+            if not 0 <= g < len(old):
+                raise IndexFormatError(f"index delta: a run refers to base run {g}, the base has {len(old)}")
+            content_len, chunks = old[g]
+            budget[0] -= len(chunks)
+            if budget[0] < 0:
+                raise IndexFormatError("index delta: refs name more chunks than an index may hold")
+            out += _RUN.pack(header_len, content_len)
+            for cid, length in chunks:
+                out += _CHUNK.pack(cid, length)
+            expected = g + 1
+        else:
+            (content_len,) = _LEN.unpack_from(body, pos)
+            pos += _LEN.size
+            out += _RUN.pack(header_len, content_len)
+            covered = 0
+            while covered < content_len:
+                cid, length = _CHUNK.unpack_from(body, pos)
+                if length == 0:
+                    raise IndexFormatError("index delta: a chunk of length 0")
+                out += body[pos:pos + _CHUNK.size]
+                pos += _CHUNK.size
+                covered += length
+        previous = content_len
+    return bytes(out + body[pos:])
+
+
+def _bin(obj: object) -> bytes:
+    if not isinstance(obj, bytes):
+        raise IndexFormatError("index delta: a layer body must be bytes")
+    return obj
 
 
 def _map(obj: object, what: str) -> dict:

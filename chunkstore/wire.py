@@ -15,8 +15,9 @@ from .compression import DecompressionError, decompress_exact
 from .delta import MAX_DELTA_BYTES  # noqa: F401 - part of the wire format: target and base of one DELTA item
 from .index import ID_SIZE
 
-PROTOCOL_VERSION = 3         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items
-SUPPORTED_VERSIONS = (1, 2, 3)  # an answer never holds what the request's version does not know
+PROTOCOL_VERSION = 4         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items,
+                             # 4 the index delta's runs layout
+SUPPORTED_VERSIONS = (1, 2, 3, 4)  # an answer never holds what the request's version does not know
 SYNC_MEDIA_TYPE = "application/vnd.chunksync.sync.v1+msgpack"
 CHUNKS_MEDIA_TYPE = "application/vnd.chunksync.chunks.v1+msgpack"
 FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
@@ -59,7 +60,8 @@ class SyncRequest:
     platform: str = "linux/amd64"
     have_images: list[tuple[str, str]] = field(default_factory=list)  # (repository, manifest digest)
     bloom: BloomFilter | None = None
-    version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta; 3: group items
+    version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta; 3: group items;
+                                        # 4: an index_delta in the runs layout
     have_manifest: bool = False         # the device holds the verified manifest `reference` (a digest) names
 
     def encode(self) -> bytes:

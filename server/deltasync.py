@@ -55,7 +55,7 @@ class DeltaSource:
         # Both images' chunks must be at hand: the store is a cache, refill it from the registry if wiped.
         self.indexer.ensure_chunks(base, [cid for cid, _ in base.ordered_chunks()])
         self.indexer.ensure_chunks(image, [cid for cid, _ in image.ordered_chunks()])
-        index_delta = msgpack.packb(encode_index_delta(image.index, base.index), use_bin_type=True)
+        index_delta = msgpack.packb(encode_index_delta(image.index, base.index, runs=version >= 4), use_bin_type=True)
         planner = Planner(image.index, base.index, self.store.get)
         pair = self.cache.put(base.manifest_digest, image.manifest_digest, version, index_delta,
                               planner.items(grouped=version >= 3), started)

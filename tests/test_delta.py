@@ -10,10 +10,12 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from chunkstore.chunker import ALGORITHM
+from chunkstore.varint import varints
 from chunkstore.delta import DeltaError, PathMatcher, header_entries, normalised, zstd_decode, zstd_encode
 from chunkstore.headerdelta import decode_headers, encode_headers
 from chunkstore.index import ImageIndex, IndexFormatError, LayerIndex, chunk_id, index_layer
-from chunkstore.indexdelta import decode_index_delta, encode_index_delta
+from chunkstore.indexdelta import decode_index_delta, encode_index_delta, flat
 from chunkstore.store import LocalStore
 from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup
 from client.deltas import DeltaApplier
@@ -233,3 +235,56 @@ def test_grouped_items_deliver_the_same_chunks_in_fewer_bytes_and_the_device_reb
     for bad in (damaged, outside, too_big):
         with pytest.raises(DeltaError):
             applier.apply(("test/app", old_image.manifest_digest), bad, new_image)
+
+
+def test_runs_layout_sends_a_reordered_index_as_old_run_numbers(tars: dict[str, Layer]) -> None:
+    old, new = image(tars["old"], "sha256:" + "a" * 64), image(tars["reorder"], "sha256:" + "b" * 64)
+    flat_delta, runs_delta = encode_index_delta(new, old), encode_index_delta(new, old, runs=True)
+    assert "layout" not in flat_delta and runs_delta["layout"] == "runs"  # version 3 devices never see the key
+    assert decode_index_delta(runs_delta, old).encode() == new.encode()
+    assert len(runs_delta["data"]) < len(flat_delta["data"]) * 0.7
+
+
+@pytest.mark.parametrize("name", ["mtime", "edited", "old"])
+def test_version_4_index_deltas_are_never_larger_and_round_trip(tars: dict[str, Layer], name: str) -> None:
+    old, new = image(tars["old"], "sha256:" + "a" * 64), image(tars[name], "sha256:" + "b" * 64)
+    delta = encode_index_delta(new, old, runs=True)
+    assert decode_index_delta(delta, old).encode() == new.encode()
+    assert len(delta["data"]) <= len(encode_index_delta(new, old)["data"])
+
+
+def _truncated(old: ImageIndex) -> dict:
+    delta = runs_layout(old, [1], [2], b"", 1)
+    raw = zstd_decode(delta["data"], flat(old), delta["size"]).replace(b"\xc4\x01\x01", b"\xc4\x01\x81", 1)
+    return {**delta, "data": zstd_encode(raw, flat(old), 3)}
+
+
+def runs_layout(old: ImageIndex, refs: list[int], heads: list[int], body: bytes, runs: int) -> dict:
+    """A runs-layout index delta of one layer as a hostile server might write it."""
+    layer = old.layers[0]
+    raw = (msgpack.packb({"manifest_digest": "sha256:" + "b" * 64, "layers": 1,
+                          "chunking": [ALGORITHM, old.params.min_size, old.params.avg_size, old.params.max_size]})
+           + msgpack.packb({"media_type": TAR, "digest": layer.digest, "size": layer.size, "diff_id": layer.diff_id,
+                            "uncompressed_size": layer.uncompressed_size, "runs": runs, "header_chunks": 0})
+           + b"".join(msgpack.packb(part, use_bin_type=True) for part in (varints(refs), varints(heads), body)))
+    return {"layout": "runs", "size": len(raw), "data": zstd_encode(raw, flat(old), 3)}
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("ref past the base", "refers to base run"), ("refs short", "1 refs and 2 heads for 2 runs"),
+    ("truncated varint", "truncated number"), ("unknown layout", "unknown layout"),
+    ("literal without chunks", "malformed layout"), ("sizes do not add up", "layer 0: runs hold"),
+])
+def test_hostile_runs_layouts_raise(tars: dict[str, Layer], damage: str, message: str) -> None:
+    old = image(tars["old"], "sha256:" + "a" * 64)
+    runs = len(old.layers[0].runs) // 2
+    delta = {
+        "ref past the base": runs_layout(old, [2 * runs + 1], [2], b"", 1),
+        "refs short": runs_layout(old, [1], [2, 2], b"", 2),
+        "truncated varint": _truncated(old),
+        "unknown layout": {**runs_layout(old, [1], [2], b"", 1), "layout": "tree"},
+        "literal without chunks": runs_layout(old, [0], [2], (1000).to_bytes(8, "little"), 1),
+        "sizes do not add up": runs_layout(old, [3], [2], b"", 1),  # base run 1 alone is not the layer
+    }[damage]
+    with pytest.raises(IndexFormatError, match=message):
+        decode_index_delta(delta, old)

@@ -197,7 +197,7 @@ def _sync_body(**fields: object) -> bytes:
 BAD_SYNCS = [
     (b"\xc1\xc1 not msgpack", 400, "not valid msgpack"),
     (msgpack.packb([1, 2, 3]), 400, "map"),
-    (_sync_body(v=4), 400, "version"),
+    (_sync_body(v=5), 400, "version"),
     (_sync_body(repository=7), 400, "'repository' must be a string"),
     (_sync_body(repository="../../etc/passwd"), 400, "invalid repository"),
     (_sync_body(repository="server/../app"), 400, "invalid repository"),
