@@ -10,7 +10,6 @@ import os
 import random
 from array import array
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest

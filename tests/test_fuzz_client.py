@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import msgpack
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings, strategies as st
