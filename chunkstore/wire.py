@@ -13,11 +13,12 @@ from . import oci
 from .bloom import MAX_FILTER_BYTES, BloomFilter, BloomFormatError
 from .compression import DecompressionError, decompress_exact
 from .delta import MAX_DELTA_BYTES  # noqa: F401 - part of the wire format: target and base of one DELTA item
+from .gzdelta import GNU_GZIP, GzipError, GzipShape, decode_shape
 from .index import ID_SIZE
 
-PROTOCOL_VERSION = 4         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items,
-                             # 4 the index delta's runs layout
-SUPPORTED_VERSIONS = (1, 2, 3, 4)  # an answer never holds what the request's version does not know
+PROTOCOL_VERSION = 6         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items,
+                             # 4 the index delta's runs layout, 5 gzip items (zlib), 6 gzip items by GNU gzip too
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)  # an answer never holds what the request's version does not know
 SYNC_MEDIA_TYPE = "application/vnd.chunksync.sync.v1+msgpack"
 CHUNKS_MEDIA_TYPE = "application/vnd.chunksync.chunks.v1+msgpack"
 FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
@@ -32,6 +33,7 @@ KNOWN_FRAMES = {FRAME_HEADER, FRAME_CHUNKS, FRAME_DELTA, FRAME_ERROR, FRAME_END}
 DELTA_CONTENT = 0  # DELTA item kinds: content chunks as one zstd frame with the base bytes as raw dictionary
 DELTA_HEADERS = 1  # a layer's whole header stream as a header delta (chunkstore/headerdelta.py)
 DELTA_GROUP = 2    # version 3: several content ranges as one zstd frame against several base ranges
+DELTA_GZIP = 3     # version 5: whole .gz files as a delta of their texts against old .gz files' texts
 MAX_GROUP_RANGES = 1 << 16  # target or base ranges in one group item
 
 _PREFIX = struct.Struct(">BBI")  # version, type, payload length
@@ -61,7 +63,8 @@ class SyncRequest:
     have_images: list[tuple[str, str]] = field(default_factory=list)  # (repository, manifest digest)
     bloom: BloomFilter | None = None
     version: int = PROTOCOL_VERSION     # 2: the device takes DELTA frames and an index_delta; 3: group items;
-                                        # 4: an index_delta in the runs layout
+                                        # 4: an index_delta in the runs layout; 5: gzip items; 6: gzip
+                                        # items whose engine is GNU gzip (a device says 6 only if it has it)
     have_manifest: bool = False         # the device holds the verified manifest `reference` (a digest) names
 
     def encode(self) -> bytes:
@@ -238,7 +241,23 @@ class DeltaGroup:
         return [DELTA_GROUP, [x for r in self.targets for x in r], [x for r in self.bases for x in r], self.data]
 
 
-AnyDeltaItem = DeltaItem | DeltaGroup
+@dataclass(frozen=True)
+class DeltaGzip:
+    """Version 5: whole gzip files of the target, each one target range, rebuilt from their texts: one zstd frame
+    of the texts against the texts of the gzipped base ranges, and per target the shape (chunkstore/gzdelta.py)
+    that compresses its text back into its exact bytes."""
+    targets: tuple[Range, ...]
+    bases: tuple[Range, ...]
+    shapes: tuple[GzipShape, ...]  # one per target
+    data: bytes
+    kind: int = DELTA_GZIP
+
+    def to_obj(self) -> list:
+        return [DELTA_GZIP, [x for r in self.targets for x in r], [x for r in self.bases for x in r],
+                [shape.to_obj() for shape in self.shapes], self.data]
+
+
+AnyDeltaItem = DeltaItem | DeltaGroup | DeltaGzip
 
 
 def encode_delta(base: tuple[str, str], items: list[AnyDeltaItem]) -> bytes:
@@ -259,7 +278,21 @@ def _ranges(values: list[int]) -> tuple[Range, ...]:
 
 
 def decode_item(item: object, version: int = PROTOCOL_VERSION) -> AnyDeltaItem:
-    """One DELTA item, its types and ranges checked (not its bytes); group items only from version 3 on."""
+    """One DELTA item, its types and ranges checked (not its bytes); group items only from version 3 on, gzip items
+    from 5 on."""
+    if isinstance(item, list) and len(item) == 5 and item[0] == DELTA_GZIP and version >= 5:
+        if not (_numbers(item[1]) and _numbers(item[2]) and isinstance(item[3], list) and isinstance(item[4], bytes)):
+            raise ProtocolError("delta frame: a gzip item must be [3, targets, bases, shapes, data]")
+        targets = _ranges(item[1])
+        if len(item[3]) != len(targets):
+            raise ProtocolError("delta frame: a gzip item needs one shape per target")
+        try:
+            shapes = tuple(decode_shape(shape) for shape in item[3])
+        except GzipError as exc:
+            raise ProtocolError(f"delta frame: {exc}") from None
+        if version < 6 and any(shape.engine == GNU_GZIP for shape in shapes):
+            raise ProtocolError("delta frame: a gzip item for GNU gzip in a version-5 answer")
+        return DeltaGzip(targets, _ranges(item[2]), shapes, item[4])
     if isinstance(item, list) and len(item) == 4 and item[0] == DELTA_GROUP and version >= 3:
         if not (_numbers(item[1]) and _numbers(item[2]) and isinstance(item[3], bytes)):
             raise ProtocolError("delta frame: a group item must be [2, targets, bases, data]")

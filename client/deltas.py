@@ -5,11 +5,17 @@ from __future__ import annotations
 import msgpack
 
 from chunkstore.delta import DeltaError, zstd_decode
+from chunkstore.gzdelta import GzipError, gnu_gzip, gunzip, rebuild
 from chunkstore.headerdelta import decode_headers
 from chunkstore.index import ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
 from chunkstore.indexdelta import decode_index_delta
 from chunkstore.store import CorruptChunk, LocalStore
-from chunkstore.wire import DELTA_HEADERS, MAX_DELTA_BYTES, AnyDeltaItem, DeltaGroup, Range
+from chunkstore.wire import DELTA_HEADERS, MAX_DELTA_BYTES, PROTOCOL_VERSION, AnyDeltaItem, DeltaGroup, DeltaGzip, Range
+
+
+def protocol_version() -> int:
+    """The version this device asks for: 6 takes gzip items that GNU gzip compresses again, so only with GNU gzip."""
+    return PROTOCOL_VERSION if gnu_gzip() else 5
 
 
 class BaseNotHeld(DeltaError):
@@ -45,6 +51,8 @@ class DeltaApplier:
         base = self.base(ref)
         if isinstance(item, DeltaGroup):
             return self._group(item, base, new)
+        if isinstance(item, DeltaGzip):
+            return self._gzip(item, base, new)
         if item.layer >= len(new.layers) or item.base_layer >= len(base.layers):
             raise DeltaError(f"a delta item names layer {item.layer} (base {item.base_layer}) that does not exist")
         layer, old = new.layers[item.layer], base.layers[item.base_layer]
@@ -75,6 +83,33 @@ class DeltaApplier:
         _ranges(base, item.bases, "base")  # sizes checked before a byte of the base is read
         old_bytes = b"".join(self._bytes(base.layers[layer].chunks, first, count) for layer, first, count in item.bases)
         return _cut(zstd_decode(item.data, old_bytes, _size(targets)), targets)
+
+    def _gzip(self, item: DeltaGzip, base: ImageIndex, new: ImageIndex) -> list[tuple[bytes, bytes]]:
+        """Each target's text decoded against the bases' texts, then compressed back into its exact gzip bytes."""
+        targets = _ranges(new, item.targets, "target")
+        _ranges(base, item.bases, "base")
+        sizes = [shape.size for shape in item.shapes]
+        if sum(sizes) > MAX_DELTA_BYTES:
+            raise DeltaError(f"a gzip item's texts are over {MAX_DELTA_BYTES} bytes")
+        try:
+            base_text = b"".join(gunzip(self._bytes(base.layers[layer].chunks, first, count))
+                                 for layer, first, count in item.bases)
+        except GzipError as exc:
+            raise DeltaError(f"a gzip item's base is not a gzip file: {exc}") from None
+        if len(base_text) > MAX_DELTA_BYTES:
+            raise DeltaError(f"a gzip item's base texts are over {MAX_DELTA_BYTES} bytes")
+        texts = zstd_decode(item.data, base_text, sum(sizes))
+        files, offset = [], 0
+        try:
+            for shape in item.shapes:
+                files.append(rebuild(shape, texts[offset:offset + shape.size]))
+                offset += shape.size
+        except GzipError as exc:
+            raise DeltaError(f"a gzip item could not be compressed again: {exc}") from None
+        data = b"".join(files)
+        if len(data) != _size(targets):
+            raise DeltaError(f"a gzip item rebuilt {len(data)} bytes, its targets hold {_size(targets)}")
+        return _cut(data, targets)
 
     def _bytes(self, chunks: ChunkList, first: int, count: int) -> bytes:
         if sum(chunks.lengths[first:first + count]) > MAX_DELTA_BYTES:

@@ -31,7 +31,7 @@ from chunkstore.wire import (
 from client.registry import Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError, Unauthorized
 
 from .auth import Credentials
-from .deltas import DeltaApplier
+from .deltas import DeltaApplier, protocol_version
 from .fallback import fetch_image, pull_layer
 from .haveset import build_have_set
 from .layout import LayerBlob, Layout, LayoutTarget, build_manifest
@@ -214,7 +214,7 @@ class Pull:
         # Ask by digest when the registry told us one: the server then cannot answer for another version.
         reference = expected.digest if expected else self.ref.reference
         request = SyncRequest(repo, reference, self.options.platform, have.images, have.bloom,
-                              have_manifest=expected is not None)
+                              version=protocol_version(), have_manifest=expected is not None)
         with self.api.sync(request) as frames:
             first = next(frames, None)
             if first is None or first.type != FRAME_HEADER:

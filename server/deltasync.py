@@ -14,7 +14,7 @@ from chunkstore.store import LocalStore
 from chunkstore.wire import AnyDeltaItem, encode_delta
 
 from .deltacache import CachedPair, DeltaCache
-from .deltas import Planner, target_ids
+from .deltas import Planner, gzip_engines, target_ids
 from .indexer import IndexedImage, Indexer
 from .metrics import Metrics
 from .singleflight import SingleFlight
@@ -56,7 +56,7 @@ class DeltaSource:
         self.indexer.ensure_chunks(base, [cid for cid, _ in base.ordered_chunks()])
         self.indexer.ensure_chunks(image, [cid for cid, _ in image.ordered_chunks()])
         index_delta = msgpack.packb(encode_index_delta(image.index, base.index, runs=version >= 4), use_bin_type=True)
-        planner = Planner(image.index, base.index, self.store.get)
+        planner = Planner(image.index, base.index, self.store.get, gzip_engines(version))
         pair = self.cache.put(base.manifest_digest, image.manifest_digest, version, index_delta,
                               planner.items(grouped=version >= 3), started)
         self.metrics.inc("chunksync_delta_pairs_total", outcome="computed")

@@ -68,7 +68,7 @@ BAD_SYNC = {
     "not a map": msgpack.packb([1, 2]),
     "trailing bytes": sync() + b"x",
     "no version": sync(v=DROP),
-    "version 5": sync(v=5),
+    "version 7": sync(v=7),
     "repository missing": sync(repository=DROP),
     "repository as bytes": sync(repository=b"library/app"),
     "traversal in repository": sync(repository="../../etc/passwd"),
