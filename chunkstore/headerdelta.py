@@ -9,6 +9,7 @@ import numpy as np
 import zstandard
 
 from .delta import BLOCK, MAX_DELTA_BYTES, DeltaError, Entry, PathMatcher, header_entries, zstd_decode, zstd_encode
+from .headerlayout import Layout, Regions, layout, regions
 from .varint import read_varints as _read_varints
 from .varint import unzigzag as _unzigzag
 from .varint import varints as _varints
@@ -192,28 +193,6 @@ def _encode_mtimes(values: list[int], bases: list[int | None], level: int) -> tu
     return best
 
 
-def _decode_mtimes(mode: int, data: bytes, bases: list[int | None]) -> list[int]:
-    if mode not in (0, 1, 2):
-        raise DeltaError(f"header delta: unknown mtime mode {mode}")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=10 * len(bases) + 16)
-    except zstandard.ZstdError as exc:
-        raise DeltaError(f"header delta: mtimes do not decode: {exc}") from None
-    diffs = _read_varints(raw)
-    if len(diffs) != len(bases):
-        raise DeltaError(f"header delta: {len(diffs)} mtimes for {len(bases)} members")
-    values, previous, shift = [], 0, 0
-    for diff, base in zip(diffs, bases):
-        value = _guess(mode, base, previous, shift) + _unzigzag(diff)
-        if not 0 <= value < 8 ** 11:
-            raise DeltaError("header delta: an mtime out of range")
-        values.append(value)
-        previous = value
-        if base is not None:
-            shift = value - base
-    return values
-
-
 def _base_mtimes(base_raw: np.ndarray, blocks: list[int], copied: np.ndarray) -> list[int | None]:
     out: list[int | None] = []
     for pos in blocks:
@@ -257,38 +236,177 @@ def encode_headers(new: bytes, new_runs: Sequence[int], old: bytes, old_runs: Se
     return out
 
 
-def decode_headers(delta: dict, size: int, new_runs: Sequence[int], old: bytes, old_runs: Sequence[int]) -> bytes:
-    """The new header stream (`size` bytes); DeltaError if the delta is malformed. Verify it by its chunk ids."""
+def decode_headers(delta: dict, size: int, new_runs: Sequence[int], old: bytes, old_runs: Sequence[int]) -> bytearray:
+    """The new header stream (`size` bytes, a fresh buffer); DeltaError if the delta is malformed. Verify it by its
+    chunk ids.
+
+    Works in packed coordinates (the streams without their padding spans), where every copy op is one slice of the
+    old stream and the old members tile it: the cost is per byte and per op, not per member.
+    """
     ops_data, residual, fields = delta.get("ops"), delta.get("residual"), delta.get("fields")
     if not (isinstance(ops_data, bytes) and isinstance(residual, bytes) and fields in (0, 1)):
         raise DeltaError("header delta needs ops, residual and fields 0 or 1")
     if size > MAX_DELTA_BYTES or len(old) > MAX_DELTA_BYTES:
         raise DeltaError("header stream over the delta size limit")
-    old_entries = header_entries(old, old_runs)
-    old_members = _members(old_entries)
+    old_arr = np.frombuffer(old, dtype=np.uint8)
+    old_layout = layout(old_arr, old_runs)
+    new_regions = regions(new_runs, size)
     try:
         # Each op covers at least one byte and takes at most 20 bytes of varints.
         ops_raw = zstandard.ZstdDecompressor().decompress(ops_data, max_output_size=20 * size + 64)
     except zstandard.ZstdError as exc:
         raise DeltaError(f"header delta: ops do not decode: {exc}") from None
-    ops = _decode_ops(ops_raw, len(old_members))
-    old_arr = np.frombuffer(old, dtype=np.uint8)
+    copies = _Copies(_decode_ops(ops_raw, len(old_layout.offsets)), old_layout, new_regions)
+    old_packed = _packed(old_arr, old_layout.regions)
     if fields:
-        old_zeroed = old_arr.copy()
-        _zero_fields(old_zeroed, _blocks(old_entries))
-        ones = np.ones(len(old), dtype=np.uint8)
-        base, base_raw, copied = _base(ops, old_members, [old_zeroed, old_arr, ones], size, padding_spans(new_runs))
-    else:
-        (base,) = _base(ops, old_members, [old_arr], size, padding_spans(new_runs))
-    out = np.frombuffer(zstd_decode(residual, old, size), dtype=np.uint8) + base
+        at = old_layout.regions.packed_at(old_layout.blocks())
+        old_packed[at[:, None] + np.arange(_FIELDS.start, _FIELDS.stop)] = 0
+    stream = copies.fill(old_packed, size)
+    out = np.frombuffer(stream, dtype=np.uint8)
+    out += np.frombuffer(zstd_decode(residual, old, size), dtype=np.uint8)
     if fields:
-        blocks = _blocks(header_entries(out.tobytes(), new_runs))
         mode, data = delta.get("mtime_mode"), delta.get("mtimes")
         if not isinstance(mode, int) or not isinstance(data, bytes):
             raise DeltaError("header delta: mtime_mode and mtimes missing")
-        for pos, mtime in zip(blocks, _decode_mtimes(mode, data, _base_mtimes(base_raw, blocks, copied))):
-            out[pos + _MTIME.start:pos + _MTIME.stop] = np.frombuffer(b"%011o\0" % mtime, dtype=np.uint8)
-            out[pos + _CHKSUM.start:pos + _CHKSUM.stop] = 32
-            out[pos + _CHKSUM.start:pos + _CHKSUM.stop] = np.frombuffer(
-                b"%06o\0 " % _checksum(out[pos:pos + BLOCK]), dtype=np.uint8)
-    return out.tobytes()
+        blocks = layout(out, new_runs).blocks()
+        at = new_regions.packed_at(blocks)
+        bases = _octals(copies.gather(old_arr, at[:, None] + np.arange(_MTIME.start, _MTIME.stop)))
+        bases[~copies.copied(at)] = _NONE
+        _write_fields(out, blocks, _decode_mtimes(mode, data, bases))
+    return stream
+
+
+# --- the decoder's parts ----------------------------------------------------------------------------------------
+
+_NONE = np.iinfo(np.int64).min  # "no base mtime" in an int64 array
+_MAX_MTIME = 8 ** 11
+# A varint number below 2**63 and any mtime field's value below 8**12 (2**36): a difference of 2**40 or more
+# always yields an mtime out of range, and below it int64 sums of up to 2**17 members cannot overflow.
+_MAX_STEP = 1 << 40
+
+
+class _Copies:
+    """The ops in packed coordinates (both streams without their paddings, where the old members lie end to end):
+    op k fills packed new bytes [dst[k], dst[k+1]) from packed old bytes src[k]... (a copy) or with zeros (src[k] =
+    -1, a literal)."""
+
+    def __init__(self, ops: list[tuple[int, int]], old: Layout, new: Regions) -> None:
+        ends = np.concatenate(([0], np.cumsum(old.lengths)))  # packed offsets of the old entries
+        counts, starts = np.array(ops, dtype=np.int64).reshape(-1, 2).T
+        copy = starts >= 0
+        if len(counts) and counts.max() > new.total:  # also keeps the sums below from wrapping around
+            raise DeltaError("header delta: an op longer than the stream")
+        first, last = np.where(copy, starts, 0), np.where(copy, starts + counts, 0)  # _decode_ops checked the ranges
+        self.src = np.where(copy, ends[first], -1)
+        self.dst = np.concatenate(([0], np.cumsum(np.where(copy, ends[last] - ends[first], counts))))
+        if self.dst[-1] != new.total:
+            raise DeltaError(f"header delta: ops cover {self.dst[-1]} bytes, the stream has {new.total} outside "
+                             "paddings")
+        self.old, self.new = old.regions, new
+
+    def fill(self, old_packed: np.ndarray, size: int) -> bytearray:
+        """The new stream as the ops give it, zeros at literals and paddings. One slice copy per piece, a piece
+        being where an op and a new region overlap."""
+        out = bytearray(size)
+        starts = np.union1d(self.dst[:-1], self.new.packed)
+        starts = starts[starts < self.new.total]
+        lengths = np.diff(np.append(starts, self.new.total))
+        op = self._op(starts)
+        src = self.src[op] + starts - self.dst[op]
+        copied = self.src[op] >= 0
+        view = memoryview(old_packed)
+        for to, at, n in zip(self.new.stream_at(starts[copied]).tolist(), src[copied].tolist(),
+                             lengths[copied].tolist()):
+            out[to:to + n] = view[at:at + n]
+        return out
+
+    def _op(self, at: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.dst, at, side="right") - 1
+
+    def copied(self, at: np.ndarray) -> np.ndarray:
+        """Whether packed new positions `at` were copied from the old stream."""
+        return self.src[self._op(at)] >= 0 if len(self.src) else np.zeros(at.shape, dtype=bool)
+
+    def gather(self, old: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The bytes of the (unpacked) old stream the ops place at packed new positions `at`; zeros at literals."""
+        out = np.zeros(at.shape, dtype=np.uint8)
+        if len(self.src):
+            op = self._op(at)
+            copied = self.src[op] >= 0
+            out[copied] = old[self.old.stream_at((self.src[op] + at - self.dst[op])[copied])]
+        return out
+
+
+def _packed(stream: np.ndarray, where: Regions) -> np.ndarray:
+    """The stream without its paddings, writable."""
+    out = bytearray(where.total)
+    view = memoryview(stream)
+    for s, e, p in zip(where.starts.tolist(), where.ends.tolist(), where.packed.tolist()):
+        out[p:p + e - s] = view[s:e]
+    return np.frombuffer(out, dtype=np.uint8)
+
+
+_POWERS = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+
+
+def _octals(fields: np.ndarray) -> np.ndarray:
+    """The numbers in 12-byte octal fields (rows), as tar readers parse them; _NONE where a field does not parse.
+    Canonical fields (`%011o\\0`) are read at once, any other one by Python's int()."""
+    canonical = ((fields[:, :11] >= ord("0")) & (fields[:, :11] <= ord("7"))).all(axis=1) & (fields[:, 11] == 0)
+    out = (fields[:, :11].astype(np.int64) - ord("0")) @ _POWERS
+    for row in np.flatnonzero(~canonical):
+        text = fields[row].tobytes().split(b"\0", 1)[0].strip()
+        try:
+            out[row] = int(text, 8) if text else 0
+        except ValueError:
+            out[row] = _NONE
+    return out
+
+
+def _decode_mtimes(mode: int, data: bytes, bases: np.ndarray) -> np.ndarray:
+    """The members' mtimes from their differences to the predictions of `mode` (docs/PROTOCOL.md, "Header
+    deltas"); `bases` holds _NONE where a member has no base mtime."""
+    if mode not in (0, 1, 2):
+        raise DeltaError(f"header delta: unknown mtime mode {mode}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=10 * len(bases) + 16)
+    except zstandard.ZstdError as exc:
+        raise DeltaError(f"header delta: mtimes do not decode: {exc}") from None
+    diffs = np.array(_read_varints(raw), dtype=np.int64)
+    if len(diffs) != len(bases):
+        raise DeltaError(f"header delta: {len(diffs)} mtimes for {len(bases)} members")
+    steps = (diffs >> 1) ^ -(diffs & 1)  # unzigzag
+    if len(steps) and np.abs(steps).max() >= _MAX_STEP:
+        raise DeltaError("header delta: an mtime out of range")
+    # Without a base (or in mode 1) a member's mtime is the previous one plus its step; with one (modes 0 and 2) it
+    # is set anew. So mtime = (the last set member's mtime - the running sum of steps there) + the running sum.
+    anchored = (bases != _NONE) if mode != 1 else np.zeros(len(bases), dtype=bool)
+    running = np.cumsum(steps)
+    anchors = np.where(anchored, bases, 0) + (steps if mode == 0 else np.cumsum(np.where(anchored, steps, 0)))
+    last = np.maximum.accumulate(np.where(anchored, np.arange(len(bases)), -1))
+    values = np.where(last >= 0, (anchors - running)[last], 0) + running
+    if len(values) and (values.min() < 0 or values.max() >= _MAX_MTIME):
+        raise DeltaError("header delta: an mtime out of range")
+    return values
+
+
+def _digits(values: np.ndarray, count: int) -> np.ndarray:
+    """Rows of `count` ASCII octal digits, most significant first."""
+    return (values[:, None] >> (3 * np.arange(count - 1, -1, -1)) & 7).astype(np.uint8) + ord("0")
+
+
+def _write_fields(out: np.ndarray, blocks: np.ndarray, mtimes: np.ndarray) -> None:
+    """Each member block's mtime as `%011o\\0`, then its checksum as `%06o\\0 ` of the block's bytes."""
+    mtime = np.zeros((len(blocks), 12), dtype=np.uint8)
+    mtime[:, :11] = _digits(mtimes, 11)
+    view = memoryview(out)
+    # The blocks copied side by side (one C join) are summed at C speed; adding the new mtime fields and taking out
+    # the old ones and the checksum fields gives the checksums.
+    copies = np.frombuffer(b"".join([view[b:b + BLOCK] for b in blocks.tolist()]), dtype=np.uint8)
+    copies = copies.reshape(len(blocks), BLOCK)
+    checksums = (copies.sum(axis=1, dtype=np.int64) - copies[:, _FIELDS].sum(axis=1, dtype=np.int64)
+                 + mtime.sum(axis=1, dtype=np.int64) + 8 * 32)
+    checksum = np.zeros((len(blocks), 8), dtype=np.uint8)
+    checksum[:, :6] = _digits(checksums, 6)
+    checksum[:, 7] = 32
+    out[blocks[:, None] + np.arange(_FIELDS.start, _FIELDS.stop)] = np.concatenate((mtime, checksum), axis=1)
