@@ -11,7 +11,7 @@ import pytest
 
 from chunkstore.bloom import BloomFilter
 from chunkstore.index import ImageIndex, chunk_id, decode_index
-from chunkstore.wire import ChunksRequest, SyncRequest
+from chunkstore.wire import SUPPORTED_VERSIONS, ChunksRequest, SyncRequest
 from helpers import Registry, build_image, push_image, real_files
 from server_process import Answer, ServerProcess, assert_error, post
 
@@ -197,7 +197,8 @@ def _sync_body(**fields: object) -> bytes:
 BAD_SYNCS = [
     (b"\xc1\xc1 not msgpack", 400, "not valid msgpack"),
     (msgpack.packb([1, 2, 3]), 400, "map"),
-    (_sync_body(v=5), 400, "version"),
+    (_sync_body(v=max(SUPPORTED_VERSIONS) + 1), 400, "version"),
+    (_sync_body(v=0), 400, "version"),
     (_sync_body(repository=7), 400, "'repository' must be a string"),
     (_sync_body(repository="../../etc/passwd"), 400, "invalid repository"),
     (_sync_body(repository="server/../app"), 400, "invalid repository"),
@@ -217,7 +218,9 @@ BAD_SYNCS = [
 ]
 
 
-@pytest.mark.parametrize(("body", "status", "words"), BAD_SYNCS)
+# ids by position and expected answer: the bodies are binary and would garble pytest's report.
+@pytest.mark.parametrize(("body", "status", "words"), BAD_SYNCS,
+                         ids=[f"{n}-{status}-{words[:20]}" for n, (_, status, words) in enumerate(BAD_SYNCS)])
 def test_bad_sync_requests(server: ServerProcess, versions: Versions, body: bytes, status: int, words: str) -> None:
     assert_error(post(server.url, "/v1/sync", body), status, words)
 
