@@ -14,9 +14,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import zstandard
 
@@ -86,15 +87,18 @@ class StoreStats:
 class LocalStore:
     """Chunks by id, and image records. Safe to share between threads and processes."""
 
-    def __init__(self, path: str | Path, level: int = 3):
+    def __init__(self, path: str | Path, level: int = 3, read_cache_bytes: int = 0):
+        """`level`: zstd level of new chunks (any level reads). `read_cache_bytes`: get_many keeps up to this many
+        bytes of chunks it read and checked, per thread, for readers that read the same chunks again."""
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.db_path = self.path / "store.db"
         self._level = level
+        self._read_cache_bytes = read_cache_bytes
         self._local = threading.local()
         self._db().executescript(_SCHEMA)
 
-    # One connection and one zstd context per thread: neither may be shared across threads.
+    # One connection, one zstd context and one read cache per thread: none may be shared across threads.
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
@@ -107,6 +111,7 @@ class LocalStore:
             self._local.db = db
             self._local.cctx = zstandard.ZstdCompressor(level=self._level)
             self._local.dctx = zstandard.ZstdDecompressor()
+            self._local.cache = _ReadCache(self._read_cache_bytes)
         return db
 
     def close(self) -> None:
@@ -143,12 +148,32 @@ class LocalStore:
 
     def get(self, cid: bytes) -> bytes:
         """A chunk's bytes, checked against its id; KeyError if absent, CorruptChunk if damaged."""
-        db = self._db()
-        row = db.execute("SELECT size, data FROM chunks WHERE id = ?", (cid,)).fetchone()
+        row = self._db().execute("SELECT size, data FROM chunks WHERE id = ?", (cid,)).fetchone()
         if row is None:
             raise KeyError(cid.hex())
+        return self._checked(cid, *row)
+
+    def get_many(self, ids: Sequence[bytes]) -> list[bytes]:
+        """The chunks' bytes in the order of `ids`, each checked against its id, read with one query per 500
+        ids; KeyError if one is absent, CorruptChunk if one is damaged."""
+        db = self._db()
+        cache: _ReadCache = self._local.cache
+        found = {cid: data for cid in ids if (data := cache.get(cid)) is not None}
+        wanted = [cid for cid in dict.fromkeys(ids) if cid not in found]
+        for i in range(0, len(wanted), _BATCH):
+            batch = wanted[i:i + _BATCH]
+            rows = db.execute(f"SELECT id, size, data FROM chunks WHERE id IN ({','.join('?' * len(batch))})",
+                              batch).fetchall()  # read whole: _checked may delete
+            for cid, size, data in rows:
+                found[cid] = cache.put(cid, self._checked(cid, size, data))
         try:
-            data = decompress_exact(self._local.dctx, row[1], row[0])
+            return [found[cid] for cid in ids]
+        except KeyError as exc:
+            raise KeyError(exc.args[0].hex()) from None
+
+    def _checked(self, cid: bytes, size: int, stored: bytes) -> bytes:
+        try:
+            data = decompress_exact(self._local.dctx, stored, size)
         except DecompressionError:
             data = None
         if data is None or chunk_id(data) != cid:
@@ -197,6 +222,7 @@ class LocalStore:
         db = self._db()
         deleted = 0
         ids = list(ids)
+        self._local.cache.drop(ids)
         with _transaction(db, self.path):
             for i in range(0, len(ids), _BATCH):
                 batch = ids[i:i + _BATCH]
@@ -276,6 +302,35 @@ class LocalStore:
         with _transaction(self._db(), self.path) as db:
             db.execute("DELETE FROM images WHERE repository = ? AND manifest_digest = ?",
                        (repository, manifest_digest))
+
+
+class _ReadCache:
+    """Checked chunks by id, the least recently used dropped past `max_bytes`. A chunk's bytes never change (its
+    id is their hash), so a cached chunk is as good as one read again."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, cid: bytes) -> bytes | None:
+        data = self._chunks.get(cid)
+        if data is not None:
+            self._chunks.move_to_end(cid)
+        return data
+
+    def put(self, cid: bytes, data: bytes) -> bytes:
+        if len(data) <= self.max_bytes and cid not in self._chunks:
+            self._chunks[cid] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._chunks.popitem(last=False)[1])
+        return data
+
+    def drop(self, ids: Iterable[bytes]) -> None:
+        for cid in ids:
+            if (data := self._chunks.pop(cid, None)) is not None:
+                self._bytes -= len(data)
 
 
 class ChunkWriter:

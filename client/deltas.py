@@ -114,9 +114,9 @@ class DeltaApplier:
     def _bytes(self, chunks: ChunkList, first: int, count: int) -> bytes:
         if sum(chunks.lengths[first:first + count]) > MAX_DELTA_BYTES:
             raise DeltaError(f"a delta base over {MAX_DELTA_BYTES} bytes")
-        # store.get verifies every chunk against its id: a base is exactly the bytes the index names.
+        # get_many verifies every chunk against its id: a base is exactly the bytes the index names.
         try:
-            return b"".join(self.store.get(chunks.id_at(i)) for i in range(first, first + count))
+            return b"".join(self.store.get_many([chunks.id_at(i) for i in range(first, first + count)]))
         except (KeyError, CorruptChunk) as exc:
             raise BaseNotHeld(f"a base chunk is missing from the store or damaged: {exc}") from None
 
@@ -144,10 +144,11 @@ def _size(targets: list[tuple[bytes, int]]) -> int:
     return size
 
 
-def _cut(data: bytes, targets: list[tuple[bytes, int]]) -> list[tuple[bytes, bytes]]:
-    out, offset = [], 0
+def _cut(data: bytes | bytearray, targets: list[tuple[bytes, int]]) -> list[tuple[bytes, memoryview]]:
+    """The verified chunks of decoded bytes, as views into them (no copies)."""
+    out, offset, view = [], 0, memoryview(data)
     for cid, length in targets:
-        piece = data[offset:offset + length]
+        piece = view[offset:offset + length]
         offset += length
         if chunk_id(piece) != cid:
             raise DeltaError(f"a delta decoded to bytes that do not hash to chunk {cid.hex()[:16]}…")

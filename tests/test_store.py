@@ -127,6 +127,21 @@ def test_verify_without_repair_keeps_the_bad_chunk(tmp_path: Path) -> None:
     assert store.verify(repair=False) == [bad] and store.has(bad)
 
 
+def test_get_many_reads_in_order_and_checks_every_chunk(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    batch = chunks(1200, size=3000)  # more than one query's worth of ids
+    store.put_many(batch)
+    ids = [cid for cid, _ in batch][::-1] + [batch[5][0]]  # any order, repeats allowed
+    assert store.get_many(ids) == [data for _, data in batch][::-1] + [batch[5][1]]
+    assert store.get_many([]) == []
+    with pytest.raises(KeyError, match="00" * 32):
+        store.get_many(ids[:3] + [b"\0" * 32])
+    corrupt(store, batch[700][0], "flip a byte of the chunk")
+    with pytest.raises(CorruptChunk, match=batch[700][0].hex()):
+        store.get_many(ids)
+    assert not store.has(batch[700][0]) and store.count() == 1199
+
+
 # --- crashes, concurrency, full disk ------------------------------------------------------------------------
 
 def test_writer_killed_at_random_instants_leaves_a_consistent_store(tmp_path: Path) -> None:
