@@ -111,15 +111,21 @@ class PathMatcher:
     """Finds an old member for a new path: the same path, else the same path with digit runs normalised."""
 
     def __init__(self, paths: Iterable[tuple[str, object]]) -> None:
+        self._paths = list(paths)
         self._exact: dict[str, object] = {}
-        self._loose: dict[str, object] = {}
-        for path, value in paths:
+        for path, value in self._paths:
             self._exact.setdefault(path, value)
-            self._loose.setdefault(normalised(path), value)
+        self._loose: dict[str, object] | None = None  # made at the first miss: most paths match exactly
 
     def find(self, path: str) -> object | None:
         found = self._exact.get(path)
-        return found if found is not None else self._loose.get(normalised(path))
+        if found is not None:
+            return found
+        if self._loose is None:
+            self._loose = {}
+            for old, value in self._paths:
+                self._loose.setdefault(normalised(old), value)
+        return self._loose.get(normalised(path))
 
 
 # --- zstd with the base as a raw-content dictionary ------------------------------------------------------------

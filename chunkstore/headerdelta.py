@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import zstandard
 
-from .delta import BLOCK, MAX_DELTA_BYTES, DeltaError, Entry, PathMatcher, header_entries, zstd_decode, zstd_encode
-from .headerlayout import Layout, Regions, layout, regions
+from .delta import BLOCK, MAX_DELTA_BYTES, DeltaError, PathMatcher, zstd_decode, zstd_encode
+from .headerlayout import Layout, Members, Regions, layout, members, regions
 from .varint import read_varints as _read_varints
 from .varint import unzigzag as _unzigzag
 from .varint import varints as _varints
@@ -21,69 +21,43 @@ _FIELDS = slice(136, 156)   # mtime and checksum: zeroed in both streams before 
 MAX_OPS = 1 << 24
 
 
-def padding_spans(runs: Sequence[int]) -> list[tuple[int, int]]:
-    """(offset, length) of the zeros that pad each file's content, which start a run's header part."""
-    spans, offset, previous = [], 0, 0
-    for run in range(len(runs) // 2):
-        padding = min(-previous % BLOCK, runs[2 * run])
-        if padding:
-            spans.append((offset, padding))
-        offset += runs[2 * run]
-        previous = runs[2 * run + 1]
-    return spans
-
-
-def _members(entries: list[Entry]) -> list[Entry]:
-    return [e for e in entries if not e.padding]
-
-
-def _blocks(entries: list[Entry]) -> list[int]:
-    """Offsets of the member header blocks (each member's last block)."""
-    return [e.offset + e.length - BLOCK for e in entries if e.path is not None]
-
-
-def _checksum(block: np.ndarray) -> int:
-    return int(block[:148].sum()) + 8 * 32 + int(block[156:].sum())
-
-
-def _canonical(stream: np.ndarray, blocks: list[int]) -> list[int] | None:
-    """The mtimes of the member blocks, if every block holds them as `%011o\\0` and the checksum as `%06o\\0 `
-    of its bytes (GNU tar, Go, Python all write that); None otherwise (then the fields stay in the residual)."""
-    mtimes = []
-    for pos in blocks:
-        block = stream[pos:pos + BLOCK]
-        raw = block.tobytes()
-        field = raw[_MTIME]
-        if len(field) != 12 or field[11] != 0 or not field[:11].isdigit() or b"8" in field or b"9" in field:
-            return None
-        if raw[_CHKSUM] != b"%06o\0 " % _checksum(block) or not block[:136].any() and not block[156:].any():
-            return None
-        mtimes.append(int(field[:11], 8))
-    return mtimes
-
-
-def _zero_fields(stream: np.ndarray, blocks: list[int]) -> None:
-    for pos in blocks:
-        stream[pos + _FIELDS.start:pos + _FIELDS.stop] = 0
+def _canonical(stream: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
+    """The mtimes of the member blocks, if every block holds them as `%011o\\0` and the checksum as `%06o\\0 ` of
+    its bytes (GNU tar, Go, Python all write that) and is not zeros outside them; None otherwise (then the fields
+    stay in the residual)."""
+    rows = stream[blocks[:, None] + np.arange(BLOCK)]
+    mtime, checksum = rows[:, _MTIME], rows[:, _CHKSUM]
+    octal = (mtime[:, :11] >= ord("0")).all(axis=1) & (mtime[:, :11] <= ord("7")).all(axis=1) & (mtime[:, 11] == 0)
+    octal &= ((checksum[:, :6] >= ord("0")) & (checksum[:, :6] <= ord("7"))).all(axis=1)
+    octal &= (checksum[:, 6] == 0) & (checksum[:, 7] == ord(" "))
+    sums = rows.sum(axis=1, dtype=np.int64) - checksum.sum(axis=1, dtype=np.int64) + 8 * 32
+    written = (checksum[:, :6].astype(np.int64) - ord("0")) @ _POWERS[-6:]
+    rest = np.concatenate((rows[:, :_MTIME.start], rows[:, _CHKSUM.stop:]), axis=1)
+    if not (octal & (written == sums) & rest.any(axis=1)).all():
+        return None
+    return (mtime[:, :11].astype(np.int64) - ord("0")) @ _POWERS
 
 
 # --- ops: the new stream's non-padding bytes as copies of old members and literals ----------------------------
 
-def _plan_ops(new: list[Entry], old: list[Entry]) -> list[tuple[int, int]]:
+def _plan_ops(new: Members, old: Members) -> list[tuple[int, int]]:
     """[(count, start)]: `count` old members from index `start`, or (length, -1): `length` literal bytes."""
-    matcher = PathMatcher((e.path, i) for i, e in enumerate(old) if e.path is not None)
+    matcher = PathMatcher((path, i) for i, path in enumerate(old.paths) if path is not None)
+    old_lengths = old.layout.lengths.tolist()
+    last = len(new.paths) - 1
     ops: list[tuple[int, int]] = []
-    for entry in new:
-        j = matcher.find(entry.path) if entry.path is not None else (len(old) - 1 if entry is new[-1] else None)
-        if isinstance(j, int) and 0 <= j < len(old) and old[j].length == entry.length:
+    for k, (path, length) in enumerate(zip(new.paths, new.layout.lengths.tolist())):
+        # An entry without a path is matched only at the very end: the end-of-archive blocks.
+        j = matcher.find(path) if path is not None else (len(old_lengths) - 1 if k == last else None)
+        if isinstance(j, int) and 0 <= j < len(old_lengths) and old_lengths[j] == length:
             if ops and ops[-1][1] >= 0 and ops[-1][1] + ops[-1][0] == j:
                 ops[-1] = (ops[-1][0] + 1, ops[-1][1])
             else:
                 ops.append((1, j))
         elif ops and ops[-1][1] < 0:
-            ops[-1] = (ops[-1][0] + entry.length, -1)
+            ops[-1] = (ops[-1][0] + length, -1)
         else:
-            ops.append((entry.length, -1))
+            ops.append((length, -1))
     return ops
 
 
@@ -120,118 +94,67 @@ def _decode_ops(data: bytes, old: int) -> list[tuple[int, int]]:
     return ops
 
 
-def _base(ops: list[tuple[int, int]], old_members: list[Entry], sources: list[np.ndarray], size: int,
-          spans: list[tuple[int, int]]) -> list[np.ndarray]:
-    """The bytes each new byte is added to, from each of `sources` (old streams), zeros at paddings and literals."""
-    outs = [np.zeros(size, dtype=np.uint8) for _ in sources]
-    regions = _regions(size, spans)
-    region, filled = 0, 0  # position inside the non-padding regions
-
-    def place(pieces: list[np.ndarray], length: int) -> None:
-        nonlocal region, filled
-        while length:
-            if region >= len(regions):
-                raise DeltaError("header delta: ops cover more bytes than the stream has")
-            start, end = regions[region]
-            take = min(length, end - start - filled)
-            at = start + filled
-            if pieces[0] is not None:
-                for out, piece in zip(outs, pieces):
-                    out[at:at + take] = piece[:take]
-                pieces = [p[take:] for p in pieces]
-            filled += take
-            length -= take
-            if filled == end - start:
-                region, filled = region + 1, 0
-
-    for count, start in ops:
-        if start < 0:
-            place([None] * len(sources), count)  # type: ignore[list-item]
-            continue
-        for member in old_members[start:start + count]:  # old paddings between them are skipped
-            lo, hi = member.offset, member.offset + member.length
-            place([src[lo:hi] for src in sources], hi - lo)
-    if region != len(regions):
-        raise DeltaError("header delta: ops cover fewer bytes than the stream has")
-    return outs
-
-
-def _regions(size: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    regions, pos = [], 0
-    for offset, length in spans:
-        if offset > pos:
-            regions.append((pos, offset))
-        pos = offset + length
-    if size > pos:
-        regions.append((pos, size))
-    return regions
-
-
 # --- mtimes -----------------------------------------------------------------------------------------------------
 
-def _guess(mode: int, base: int | None, previous: int, shift: int) -> int:
-    """An mtime's prediction: mode 0 the old member's, 1 the previous new member's, 2 the old member's plus the
-    last shift seen (so a uniform shift costs nothing); the previous new member's when there is no old one."""
-    if mode == 1 or base is None:
-        return previous
-    return base if mode == 0 else base + shift
+def _predictions(values: np.ndarray, bases: np.ndarray) -> list[np.ndarray]:
+    """Each mode's prediction of every mtime (docs/PROTOCOL.md): 0 the base mtime, 1 the previous member's, 2 the
+    base mtime plus the last (mtime - base mtime) seen before; the previous member's where there is no base."""
+    previous = np.zeros(len(values), dtype=np.int64)
+    previous[1:] = values[:-1]
+    has = bases != _NONE
+    base = np.where(has, bases, 0)
+    last = np.maximum.accumulate(np.where(has, np.arange(len(values)), -1)) if len(values) else previous
+    before = np.full(len(values), -1)
+    before[1:] = last[:-1]
+    shift = np.where(before >= 0, (values - base)[before], 0)
+    return [np.where(has, base, previous), previous, np.where(has, base + shift, previous)]
 
 
-def _encode_mtimes(values: list[int], bases: list[int | None], level: int) -> tuple[int, bytes]:
+def _encode_mtimes(values: np.ndarray, bases: np.ndarray, level: int) -> tuple[int, bytes]:
+    """(mode, zstd frame of the zigzag varint differences) for the mode whose frame is smallest (the first on
+    ties)."""
     best: tuple[int, bytes] | None = None
-    for mode in (0, 1, 2):
-        diffs, previous, shift = [], 0, 0
-        for value, base in zip(values, bases):
-            diffs.append(_zigzag(value - _guess(mode, base, previous, shift)))
-            previous = value
-            if base is not None:
-                shift = value - base
-        data = zstandard.ZstdCompressor(level=level).compress(_varints(diffs))
+    for mode, guess in enumerate(_predictions(values, bases)):
+        diff = values - guess
+        data = zstandard.ZstdCompressor(level=level).compress(_varints(np.where(diff < 0, -2 * diff - 1, 2 * diff)
+                                                                       .tolist()))
         if best is None or len(data) < len(best[1]):
             best = (mode, data)
     assert best is not None
     return best
 
 
-def _base_mtimes(base_raw: np.ndarray, blocks: list[int], copied: np.ndarray) -> list[int | None]:
-    out: list[int | None] = []
-    for pos in blocks:
-        if not copied[pos]:
-            out.append(None)
-            continue
-        field = base_raw[pos + _MTIME.start:pos + _MTIME.stop].tobytes().split(b"\0", 1)[0].strip()
-        try:
-            out.append(int(field, 8) if field else 0)
-        except ValueError:
-            out.append(None)
-    return out
-
-
 # --- the codec --------------------------------------------------------------------------------------------------
 
-def encode_headers(new: bytes, new_runs: Sequence[int], old: bytes, old_runs: Sequence[int], level: int = 9) -> dict:
-    """The header delta of `new` against `old` (each a layer's whole header stream with its index runs)."""
+def encode_headers(new: bytes, new_runs: Sequence[int], old: bytes, old_runs: Sequence[int], level: int = 9,
+                   new_members: Members | None = None, old_members: Members | None = None) -> dict:
+    """The header delta of `new` against `old` (each a layer's whole header stream with its index runs); pass
+    their `headerlayout.members` if they are at hand.
+
+    Works as decode_headers does, in packed coordinates: the ops' output is the old stream's slices, the residual
+    the difference to it, the mtimes of the member blocks read at once."""
     if len(new) > MAX_DELTA_BYTES or len(old) > MAX_DELTA_BYTES:
         raise DeltaError("header stream over the delta size limit")
-    new_entries, old_entries = header_entries(new, new_runs), header_entries(old, old_runs)
-    old_members = _members(old_entries)
-    ops = _plan_ops(_members(new_entries), old_members)
-    spans = padding_spans(new_runs)
-    old_arr = np.frombuffer(old, dtype=np.uint8)
-    new_arr = np.frombuffer(new, dtype=np.uint8).copy()
-    blocks = _blocks(new_entries)
+    new_members = new_members or members(new, new_runs)
+    old_members = old_members or members(old, old_runs)
+    ops = _plan_ops(new_members, old_members)
+    copies = _Copies(ops, old_members.layout, new_members.layout.regions)
+    old_arr, new_arr = np.frombuffer(old, dtype=np.uint8), np.frombuffer(new, dtype=np.uint8)
+    old_packed = _packed(old_arr, old_members.layout.regions)
+    blocks = new_members.layout.blocks()
     mtimes = _canonical(new_arr, blocks)
-    old_zeroed = old_arr.copy()
-    _zero_fields(old_zeroed, _blocks(old_entries))
-    ones = np.ones(len(old), dtype=np.uint8)
-    base, base_raw, copied = _base(ops, old_members, [old_zeroed, old_arr, ones], len(new), spans)
     out: dict = {"ops": zstandard.ZstdCompressor(level=19).compress(_encode_ops(ops)), "fields": 0}
     if mtimes is not None:
-        _zero_fields(new_arr, blocks)
+        at = new_members.layout.regions.packed_at(blocks)
+        bases = _octals(copies.gather(old_arr, at[:, None] + np.arange(_MTIME.start, _MTIME.stop)))
+        bases[~copies.copied(at)] = _NONE
+        old_at = old_members.layout.regions.packed_at(old_members.layout.blocks())
+        old_packed[old_at[:, None] + np.arange(_FIELDS.start, _FIELDS.stop)] = 0
+        new_arr = new_arr.copy()
+        new_arr[blocks[:, None] + np.arange(_FIELDS.start, _FIELDS.stop)] = 0
         out["fields"] = 1
-        out["mtime_mode"], out["mtimes"] = _encode_mtimes(mtimes, _base_mtimes(base_raw, blocks, copied), 19)
-    else:
-        base = base_raw  # fields stay in the residual, against the old member's own
+        out["mtime_mode"], out["mtimes"] = _encode_mtimes(mtimes, bases, 19)
+    base = np.frombuffer(copies.fill(old_packed, len(new)), dtype=np.uint8)
     out["residual"] = zstd_encode((new_arr - base).tobytes(), old, level)
     return out
 

@@ -1,5 +1,5 @@
-"""Where the members of a layer's header stream lie, as `delta.header_entries` finds them but without their paths,
-found with numpy: the per-member work is in C, and Python walks only runs that hold unusual blocks."""
+"""Where the members of a layer's header stream lie, as `delta.header_entries` finds them, found with numpy: the
+per-member work is in C, and Python walks only runs that hold unusual blocks (and names the members, `members`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .delta import BLOCK, DeltaError, header_entries
+from .delta import BLOCK, DeltaError, _header_name, header_entries
 
 _EXTENDED = np.frombuffer(b"xLgK", dtype=np.uint8)  # blocks followed by data that belongs to the next member
 _SIZE = np.arange(124, 136)
@@ -95,3 +95,32 @@ def layout(stream: np.ndarray, runs: Sequence[int]) -> Layout:
     all_offsets = np.concatenate(offsets)
     order = np.argsort(all_offsets, kind="stable")
     return Layout(where, all_offsets[order], np.concatenate(lengths)[order], np.concatenate(members)[order])
+
+
+@dataclass
+class Members:
+    """A header stream's layout and the path of each of its entries (None for those that are not members): what
+    `delta.header_entries` gives without its paddings, parsed once for every use of a pair's deltas."""
+    layout: Layout
+    paths: list[str | None]
+
+    def run_paths(self, runs: Sequence[int]) -> dict[int, str]:
+        """Run index -> path of the file whose content the run holds (the last member in its header part), for the
+        runs `(header_len, content_len, ...)` that hold content."""
+        # An entry lies in the last region that starts at or before it (an empty region before it starts there too).
+        of = np.searchsorted(self.layout.regions.starts, self.layout.offsets, side="right") - 1
+        return {run: path for run, path in zip(of.tolist(), self.paths) if path is not None and runs[2 * run + 1]}
+
+
+def members(stream: bytes, runs: Sequence[int]) -> Members:
+    """The entries of a header stream with their paths."""
+    found = layout(np.frombuffer(stream, dtype=np.uint8), runs)
+    paths: list[str | None] = []
+    for offset, length, member in zip(found.offsets.tolist(), found.lengths.tolist(), found.members.tolist()):
+        if not member:
+            paths.append(None)
+        elif length == BLOCK:
+            paths.append(_header_name(stream[offset:offset + BLOCK]))
+        else:  # extended records (PAX, GNU long name) before the header block name the member
+            paths.append(header_entries(stream[offset:offset + length], (length, 0))[0].path)
+    return Members(found, paths)

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import msgpack
 
-from chunkstore.delta import MAX_DELTA_BYTES, PathMatcher, header_entries, zstd_encode
+from chunkstore.delta import MAX_DELTA_BYTES, PathMatcher, zstd_encode
 from chunkstore.gzdelta import ENGINES, MAGIC, ZLIB_MEM8, ZLIB_MEM9, GzipError, GzipShape, gunzip, shape_of
 from chunkstore.headerdelta import encode_headers
+from chunkstore.headerlayout import Members, members
 from chunkstore.index import ImageIndex, LayerIndex
 from chunkstore.wire import (DELTA_CONTENT, DELTA_GZIP, DELTA_HEADERS, AnyDeltaItem, DeltaGroup, DeltaGzip, DeltaItem,
                              Range)
@@ -80,15 +81,14 @@ def header_stream(layer: LayerIndex, get_chunk: GetChunk) -> bytes | None:
     return b"".join(get_chunk(cid) for cid, _ in layer.header_chunks)
 
 
-def run_paths(layer: LayerIndex, header: bytes | None) -> dict[int, str]:
+def header_members(layer: LayerIndex, header: bytes | None) -> Members | None:
+    """The members of a layer's header stream, parsed once for all of a pair's uses; None without the stream."""
+    return members(header, layer.runs) if header is not None else None
+
+
+def run_paths(layer: LayerIndex, parsed: Members | None) -> dict[int, str]:
     """Run index -> path of the file whose content it is (the last member header before the content)."""
-    if header is None:
-        return {}
-    paths: dict[int, str] = {}
-    for entry in header_entries(header, layer.runs):
-        if entry.path is not None and layer.runs[2 * entry.run + 1]:
-            paths[entry.run] = entry.path
-    return paths
+    return parsed.run_paths(layer.runs) if parsed is not None else {}
 
 
 class Planner:
@@ -99,10 +99,13 @@ class Planner:
         self.gzip = gzip  # the engines gzip items may name (chunkstore/gzdelta.py); none before version 5
         self.old_ids = old.chunk_ids()
         self._old_headers = [header_stream(layer, get_chunk) for layer in old.layers]
+        self._old_members = [header_members(layer, h) for layer, h in zip(old.layers, self._old_headers)]
+        self._old_paths = [run_paths(layer, m) for layer, m in zip(old.layers, self._old_members)]
+        self._new_members: dict[int, Members | None] = {}
         self._old_ranges = [run_ranges(layer) for layer in old.layers]
         files: list[tuple[str, tuple[int, int]]] = []
         for j in reversed(range(len(old.layers))):  # the topmost layer's file is the one the device sees
-            for run, path in run_paths(old.layers[j], self._old_headers[j]).items():
+            for run, path in self._old_paths[j].items():
                 files.append((path, (j, run)))
         self._files = PathMatcher(files)
         # Where each old content chunk sits, for data without paths: the base is what lay between the neighbours.
@@ -116,7 +119,8 @@ class Planner:
             if layer.digest in old_digests or layer.chunk_ids() <= self.old_ids:
                 continue
             header = header_stream(layer, self.get)
-            paths = run_paths(layer, header)
+            self._new_members[i] = header_members(layer, header)
+            paths = run_paths(layer, self._new_members[i])
             if header is not None and any(cid not in self.old_ids for cid, _ in layer.header_chunks):
                 base = self._header_base(paths)
                 if base is not None:
@@ -129,8 +133,8 @@ class Planner:
         """The old layer sharing the most paths with the new one; None if none shares any."""
         wanted = set(paths.values())
         best, best_count = None, 0
-        for j, layer in enumerate(self.old.layers):
-            count = len(wanted & set(run_paths(layer, self._old_headers[j]).values()))
+        for j in range(len(self.old.layers)):
+            count = len(wanted.intersection(self._old_paths[j].values()))
             if count > best_count and self._old_headers[j] is not None:
                 best, best_count = j, count
         return best
@@ -208,7 +212,8 @@ class Planner:
             old_layer = self.old.layers[target.base_layer]
             data = msgpack.packb(encode_headers(header, self.new.layers[target.layer].runs,
                                                 self._old_headers[target.base_layer] or b"", old_layer.runs,
-                                                HEADER_LEVEL), use_bin_type=True)
+                                                HEADER_LEVEL, self._new_members.get(target.layer),
+                                                self._old_members[target.base_layer]), use_bin_type=True)
         else:
             new_layer, old_layer = self.new.layers[target.layer], self.old.layers[target.base_layer]
             goal = b"".join(self.get(cid) for cid in _ids(new_layer, target.first, target.count))

@@ -1,6 +1,7 @@
-"""The vectorised header-delta decoder against the protocol's plain definition: the member layout equals
-delta.header_entries on real and damaged tar header streams, and decode_headers gives the same bytes as a
-member-by-member reference decoder (or the same refusal) on real deltas, altered deltas and hostile ones."""
+"""The vectorised header-delta codec against the protocol's plain definition (tests/headerref.py): the member layout
+and paths equal delta.header_entries on real and damaged tar header streams, encode_headers gives the very bytes
+of the member-by-member reference encoder, and decode_headers the same bytes as a member-by-member reference
+decoder (or the same refusal) on real deltas, altered deltas and hostile ones."""
 from __future__ import annotations
 
 import io
@@ -16,12 +17,12 @@ import zstandard
 
 from chunkstore.delta import BLOCK, DeltaError, header_entries, zstd_decode
 from chunkstore.headerdelta import (
-    _CHKSUM, _MTIME, _NONE, _base, _base_mtimes, _blocks, _checksum, _decode_mtimes, _decode_ops, _encode_ops, _guess,
-    _members, _zero_fields, decode_headers, encode_headers, padding_spans,
+    _CHKSUM, _MTIME, _NONE, _decode_mtimes, _decode_ops, _encode_ops, decode_headers, encode_headers,
 )
-from chunkstore.headerlayout import layout
+from chunkstore.headerlayout import layout, members
 from chunkstore.index import LayerIndex, index_layer
 from chunkstore.varint import read_varints, unzigzag, varints, zigzag
+import headerref as ref
 from tarkit import gnu_tar, make_tree, touched_copy
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -127,6 +128,50 @@ def test_runs_that_do_not_match_the_stream_are_refused(streams: dict[str, Stream
         layout(np.frombuffer(stream.header + b"\0", dtype=np.uint8), stream.runs)
 
 
+def test_member_paths_and_run_paths_are_header_entries(streams: dict[str, Stream]) -> None:
+    for stream in [*streams.values(), *(_damaged(streams[name], seed) for seed, name in enumerate(["old", "pax"]))]:
+        found = members(stream.header, stream.runs)
+        entries = [e for e in header_entries(stream.header, stream.runs) if not e.padding]
+        assert found.paths == [e.path for e in entries]
+        expected = {e.run: e.path for e in entries if e.path is not None and stream.runs[2 * e.run + 1]}
+        assert found.run_paths(stream.runs) == expected and expected
+
+
+# --- encoding against the definition ----------------------------------------------------------------------------
+
+ENCODED_PAIRS = [("old", "old"), ("mtime", "old"), ("reorder", "old"), ("edited", "old"), ("pax", "old"),
+                 ("python", "edited"), ("old", "python"), ("edited", "mtime")]
+
+
+@pytest.mark.parametrize(("name", "base"), ENCODED_PAIRS)
+def test_encoding_gives_the_reference_bytes(streams: dict[str, Stream], name: str, base: str) -> None:
+    new, old = streams[name], streams[base]
+    delta = encode_headers(new.header, new.runs, old.header, old.runs)
+    assert delta == ref.reference_encode(new.header, new.runs, old.header, old.runs)
+    assert _same(delta, new, old) == new.header
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_encoding_damaged_streams_gives_the_reference_bytes(streams: dict[str, Stream], seed: int) -> None:
+    """Damaged blocks: members that do not parse, fields that are not canonical (so mtimes stay in the residual)."""
+    new = _damaged(streams[["mtime", "edited", "pax", "reorder"][seed % 4]], seed)
+    old = _damaged(streams["old"], seed + 100) if seed % 2 else streams["old"]
+    delta = encode_headers(new.header, new.runs, old.header, old.runs)
+    assert delta == ref.reference_encode(new.header, new.runs, old.header, old.runs)
+    assert _same(delta, new, old) == new.header
+
+
+def test_encoding_data_that_is_not_tar_gives_the_reference_bytes() -> None:
+    rng = random.Random(9)
+    data = bytes(rng.randrange(256) for _ in range(5000))
+    other = data[:2000] + bytes(rng.randrange(256) for _ in range(3000))
+    for runs in ([5000, 0], [1000, 7, 4000, 3]):
+        new, old = Stream(data, runs), Stream(other, runs)
+        delta = encode_headers(new.header, new.runs, old.header, old.runs)
+        assert delta == ref.reference_encode(new.header, new.runs, old.header, old.runs)
+        assert delta["fields"] == 1 and _same(delta, new, old) == data  # no member: nothing to write
+
+
 # --- decoding against the definition --------------------------------------------------------------------------
 
 def _reference_mtimes(mode: int, data: bytes, bases: list[int | None]) -> list[int]:
@@ -141,7 +186,7 @@ def _reference_mtimes(mode: int, data: bytes, bases: list[int | None]) -> list[i
         raise DeltaError("count")
     values, previous, shift = [], 0, 0
     for diff, base in zip(diffs, bases):
-        value = _guess(mode, base, previous, shift) + unzigzag(diff)
+        value = ref.guess(mode, base, previous, shift) + unzigzag(diff)
         if not 0 <= value < 8 ** 11:
             raise DeltaError("range")
         values.append(value)
@@ -157,7 +202,7 @@ def _reference_decode(delta: dict, size: int, new_runs: list[int], old: bytes, o
     if not (isinstance(ops_data, bytes) and isinstance(residual, bytes) and fields in (0, 1)):
         raise DeltaError("shape")
     old_entries = header_entries(old, old_runs)
-    old_members = _members(old_entries)
+    old_members = ref.non_padding(old_entries)
     try:
         ops_raw = zstandard.ZstdDecompressor().decompress(ops_data, max_output_size=20 * size + 64)
     except zstandard.ZstdError:
@@ -165,21 +210,21 @@ def _reference_decode(delta: dict, size: int, new_runs: list[int], old: bytes, o
     ops = _decode_ops(ops_raw, len(old_members))
     old_arr = np.frombuffer(old, dtype=np.uint8)
     old_zeroed = old_arr.copy()
-    _zero_fields(old_zeroed, _blocks(old_entries))
-    base, base_raw, copied = _base(ops, old_members, [old_zeroed, old_arr, np.ones(len(old), dtype=np.uint8)], size,
-                                   padding_spans(new_runs))
+    ref.zero_fields(old_zeroed, ref.member_blocks(old_entries))
+    base, base_raw, copied = ref.placed_bases(ops, old_members, [old_zeroed, old_arr, np.ones(len(old), dtype=np.uint8)], size,
+                                   ref.padding_spans(new_runs))
     if not fields:
         base = base_raw
     out = np.frombuffer(zstd_decode(residual, old, size), dtype=np.uint8) + base
     if fields:
-        blocks = _blocks(header_entries(out.tobytes(), new_runs))
+        blocks = ref.member_blocks(header_entries(out.tobytes(), new_runs))
         mode, data = delta.get("mtime_mode"), delta.get("mtimes")
         if not isinstance(mode, int) or not isinstance(data, bytes):
             raise DeltaError("mtimes missing")
-        for pos, mtime in zip(blocks, _reference_mtimes(mode, data, _base_mtimes(base_raw, blocks, copied))):
+        for pos, mtime in zip(blocks, _reference_mtimes(mode, data, ref.base_mtimes(base_raw, blocks, copied))):
             out[pos + _MTIME.start:pos + _MTIME.stop] = np.frombuffer(b"%011o\0" % mtime, dtype=np.uint8)
             out[pos + _CHKSUM.start:pos + _CHKSUM.stop] = np.frombuffer(
-                b"%06o\0 " % _checksum(out[pos:pos + BLOCK]), dtype=np.uint8)
+                b"%06o\0 " % ref.checksum(out[pos:pos + BLOCK]), dtype=np.uint8)
     return out.tobytes()
 
 
@@ -218,15 +263,15 @@ def test_altered_deltas_decode_or_are_refused_as_the_reference(streams: dict[str
     new, old = streams[rng.choice(["mtime", "edited", "reorder"])], streams["old"]
     delta = encode_headers(new.header, new.runs, old.header, old.runs)
     ops = _decode_ops(zstandard.ZstdDecompressor().decompress(delta["ops"]), 1 << 30)
-    members = len(_members(header_entries(old.header, old.runs)))
+    old_members = len(ref.non_padding(header_entries(old.header, old.runs)))
     change = seed % 4
     if change == 0:  # copies of other members: same sizes often, so these decode into other streams
-        ops = [(count, rng.randrange(members - count + 1)) if start >= 0 else (count, start) for count, start in ops]
+        ops = [(count, rng.randrange(old_members - count + 1)) if start >= 0 else (count, start) for count, start in ops]
     elif change == 1:  # a literal where a copy was
         i = rng.randrange(len(ops))
         ops[i] = (512 * ops[i][0], -1) if ops[i][1] >= 0 else ops[i]
     elif change == 2:  # other mtimes
-        count = len(_blocks(header_entries(new.header, new.runs)))
+        count = len(ref.member_blocks(header_entries(new.header, new.runs)))
         numbers = [zigzag(rng.randrange(-3, 4) * rng.choice([1, 1000, 8 ** 10])) for _ in range(count)]
         delta["mtimes"] = zstandard.ZstdCompressor().compress(varints(numbers))
     else:  # the residual of another stream
@@ -251,7 +296,7 @@ def test_mtimes_follow_each_mode_of_the_definition() -> None:
                 steps, previous, shift = [], 0, 0
                 for base in bases:
                     value = rng.choice([previous, previous + 1, rng.randrange(8 ** 11)])
-                    steps.append(value - _guess(mode, base, previous, shift))
+                    steps.append(value - ref.guess(mode, base, previous, shift))
                     previous, shift = value, (value - base if base is not None else shift)
             data = zstandard.ZstdCompressor().compress(varints([zigzag(s) for s in steps]))
             try:
