@@ -24,17 +24,21 @@ SMALL_LEVEL, SMALL_TARGET = 19, 256 << 10
 # Level 19 costs the same per target byte whatever it saves, and saves little where the target is nearly all copies
 # of its base: a level-3 probe that comes out under PROBE_RATIO of the target means the smaller of it and level 9.
 # Measured on the bench pairs' small single targets (bytes / CPU against 19 for all): node +0.5 kB / -0.11 s, debian
-# +0.8 kB / -0.12 s, python +4.6 kB / -0.61 s. Group items stay at 19: there the rule cost node 1 kB for 0.04 s.
+# +0.8 kB / -0.12 s, python +4.6 kB / -0.61 s. (Group items: GROUP_LEVEL.)
 PROBE_LEVEL, PROBE_RATIO, QUICK_LEVEL = 3, 0.03, 9
 HEADER_LEVEL = 9
 # Gzip items' texts differ by a few lines: level 9 does it (debian pair: 7.2 kB in 0.07 s; 19: 6.8 kB in 0.77 s).
 GZIP_LEVEL = 9
-# Version 3 groups targets up to GROUP_TARGET whose base is at most GROUP_BASE into one zstd frame (level 19) of at
+# Version 3 groups targets up to GROUP_TARGET whose base is at most GROUP_BASE into one zstd frame of at
 # most GROUP_BYTES of targets and GROUP_BASES of distinct bases. Measured (node / debian update, content bytes): single
 # items 52.0 / 955.9 kB; grouped up to 16 KiB 46.6 / 930.5 kB; 64 KiB 45.1 / 934.2 kB; 256 KiB 42.2 / 934.7 kB, but
 # 1.75 s CPU on debian instead of 0.9. Bases are capped because level 19 pays for every dictionary byte: with 64 MiB
 # of bases per group the python pair took 8.3 s (single items 2.2 s), with these caps 2.6 s and 11 kB less.
 GROUP_TARGET = 16 << 10
+# Group frames are over 256 KiB, where zstd's level 12 is a lazy match finder: against 19 on the bench pairs' groups
+# (kB / CPU s) node 7.2 / 0.002 vs 6.5 / 0.040, debian 22.1 / 0.010 vs 19.9 / 0.183, python 35.6 / 0.043 vs
+# 31.7 / 0.409 (15: 33.8 / 0.43).
+GROUP_LEVEL = 12
 GROUP_BYTES = 4 << 20
 GROUP_BASE = 4 << 20
 GROUP_BASES = 16 << 20
@@ -261,7 +265,7 @@ class Planner:
                         for cid in _ids(self.new.layers[layer], first, count))
         base = b"".join(self.get(cid) for layer, first, count in group.bases
                         for cid in _ids(self.old.layers[layer], first, count))
-        return DeltaGroup(tuple(group.targets), tuple(group.bases), zstd_encode(goal, base, SMALL_LEVEL))
+        return DeltaGroup(tuple(group.targets), tuple(group.bases), zstd_encode(goal, base, GROUP_LEVEL))
 
 
     def encode_gzip(self, group: _Group) -> DeltaGzip:
