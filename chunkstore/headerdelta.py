@@ -25,7 +25,7 @@ def _canonical(stream: np.ndarray, blocks: np.ndarray) -> np.ndarray | None:
     """The mtimes of the member blocks, if every block holds them as `%011o\\0` and the checksum as `%06o\\0 ` of
     its bytes (GNU tar, Go, Python all write that) and is not zeros outside them; None otherwise (then the fields
     stay in the residual)."""
-    rows = stream[blocks[:, None] + np.arange(BLOCK)]
+    rows = _rows(stream, blocks)
     mtime, checksum = rows[:, _MTIME], rows[:, _CHKSUM]
     octal = (mtime[:, :11] >= ord("0")).all(axis=1) & (mtime[:, :11] <= ord("7")).all(axis=1) & (mtime[:, 11] == 0)
     octal &= ((checksum[:, :6] >= ord("0")) & (checksum[:, :6] <= ord("7"))).all(axis=1)
@@ -318,15 +318,20 @@ def _digits(values: np.ndarray, count: int) -> np.ndarray:
     return (values[:, None] >> (3 * np.arange(count - 1, -1, -1)) & 7).astype(np.uint8) + ord("0")
 
 
+def _rows(stream: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+    """The 512-byte blocks at `blocks`, copied side by side into rows (one C join, no index array of 8 bytes per
+    byte)."""
+    view = memoryview(stream)
+    return np.frombuffer(b"".join([view[b:b + BLOCK] for b in blocks.tolist()]), dtype=np.uint8).reshape(-1, BLOCK)
+
+
 def _write_fields(out: np.ndarray, blocks: np.ndarray, mtimes: np.ndarray) -> None:
     """Each member block's mtime as `%011o\\0`, then its checksum as `%06o\\0 ` of the block's bytes."""
     mtime = np.zeros((len(blocks), 12), dtype=np.uint8)
     mtime[:, :11] = _digits(mtimes, 11)
-    view = memoryview(out)
-    # The blocks copied side by side (one C join) are summed at C speed; adding the new mtime fields and taking out
-    # the old ones and the checksum fields gives the checksums.
-    copies = np.frombuffer(b"".join([view[b:b + BLOCK] for b in blocks.tolist()]), dtype=np.uint8)
-    copies = copies.reshape(len(blocks), BLOCK)
+    # The blocks copied side by side are summed at C speed; adding the new mtime fields and taking out the old ones
+    # and the checksum fields gives the checksums.
+    copies = _rows(out, blocks)
     checksums = (copies.sum(axis=1, dtype=np.int64) - copies[:, _FIELDS].sum(axis=1, dtype=np.int64)
                  + mtime.sum(axis=1, dtype=np.int64) + 8 * 32)
     checksum = np.zeros((len(blocks), 8), dtype=np.uint8)
