@@ -66,6 +66,7 @@ def test_bench_writes_results_for_a_tiny_pair(tmp_path: Path) -> None:
     # The zstd yardstick decompresses exactly what the update delivered.
     ref = cs["apply_reference"]
     assert ref["chunks"] == update["chunks_received"] and ref["decompress_cpu_s"] > 0
+    assert ref["verify_cpu_s"] > 0 and ref["store_cpu_s"] > 0  # the floor: check and store the same chunks
     assert update["client_apply_cpu_s"] > 0
 
     tools = {r["tool"] for r in results["baselines"] if r["bytes"]}
