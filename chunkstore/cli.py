@@ -6,14 +6,15 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from . import oci
 from .index import ImageIndex, LayerIndex, index_layer
 from .layers import GZIP, NONE, ZSTD, LayerFormatError
-from .retention import prune
-from .store import ChunkWriter, LocalStore, StoreError, default_store_path
+from .retention import GC_WAIT, prune
+from .store import ChunkWriter, LocalStore, StoreBusy, StoreError, default_store_path
 
 _MEDIA_TYPE_OF = {GZIP: oci.OCI_LAYER_GZIP, ZSTD: oci.OCI_LAYER_ZSTD, NONE: oci.OCI_LAYER_TAR}
 
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              ("verify", run_verify, "read every chunk back; remove and list the corrupt ones"),
                              ("gc", run_gc, "keep the newest images of each repository and delete every chunk "
                                             "their indexes do not name (also chunks added by `chunk --add`); "
-                                            "run it while no pull is in progress")):
+                                            "safe while pulls run: gc waits for them to finish, pulls started "
+                                            "meanwhile wait for gc")):
         action = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         action.add_argument("--store", type=Path, metavar="DIR",
                             help=f"the store (default $CHUNKSYNC_STORE or {default_store_path()})")
@@ -49,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "gc":
             action.add_argument("--keep", type=_count, required=True, metavar="N",
                                 help="images to keep per repository (the N most recently added)")
+            action.add_argument("--wait", type=_seconds, default=GC_WAIT, metavar="SECONDS",
+                                help="how long to wait for pulls using the store to finish before giving up, "
+                                     f"deleting nothing (default {GC_WAIT:g})")
 
 
 def _count(text: str) -> int:
@@ -61,12 +66,26 @@ def _count(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"want a number of seconds 0 or more, got {text!r}")
+    return value
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _fail(command: str, message: str, code: int = 1) -> int:
+def _say(command: str, message: str) -> None:
     print(f"chunksync {command}: {message}", file=sys.stderr)
+
+
+def _fail(command: str, message: str, code: int = 1) -> int:
+    _say(command, message)
     return code
 
 
@@ -87,7 +106,10 @@ def run_chunk(args: argparse.Namespace) -> int:
         return _fail("chunk", f"cannot read {args.file}: {exc.strerror}", 2)
     try:
         store = _open_store(args.store, create=args.add) if args.store or args.add else None
-        with blob:
+        # No image names the chunks --add stores: a gc meanwhile would delete them as they go in.
+        lock = store.lock(on_wait=lambda: _say("chunk", f"waiting for `store gc` on {store.path} to finish")) \
+            if args.add and store is not None else nullcontext()
+        with blob, lock:
             report = _chunk(blob, args.media_type, store, args.add)
     except LayerFormatError as exc:
         return _fail("chunk", f"{args.file}: {exc}. Is it a layer blob? Check --media-type")
@@ -206,7 +228,11 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_gc(args: argparse.Namespace) -> int:
     try:
         store = _open_store(args.store, create=False)
-        result = prune(store, args.keep)
+        waiting = f"a pull (or other writer) is using the store at {store.path}; waiting up to {args.wait:g} s"
+        result = prune(store, args.keep, args.wait, on_wait=lambda: _say("store gc", waiting))
+    except StoreBusy as exc:
+        return _fail("store gc", f"{exc}; gc waited {args.wait:g} s and deleted nothing. Run it again when the pull "
+                                 "has finished, or wait longer with --wait SECONDS")
     except StoreError as exc:
         return _fail("store gc", str(exc))
     if args.json:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from .index import IndexFormatError, decode_index
 from .store import ImageRecord, LocalStore, StoreError
@@ -16,15 +17,26 @@ class Pruned:
     uncompressed_bytes_freed: int
 
 
-def prune(store: LocalStore, keep: int) -> Pruned:
+# How long gc waits by default for pulls to let go of the store.
+GC_WAIT = 10.0
+
+
+def prune(store: LocalStore, keep: int, wait: float = GC_WAIT,
+          on_wait: Callable[[], None] | None = None) -> Pruned:
     """Drops all but the `keep` most recent image records of each repository, then every chunk that no remaining
     image's index names. Nothing is deleted if a remaining index cannot be read (its chunks would be lost).
 
-    Chunks written by a pull that has not yet recorded its image are not named by any index: run gc when no
-    pull is in progress.
+    Holds the store lock exclusive throughout: a pull stores chunks before its record names them all, and needs
+    the chunks of older images as delta bases, so gc waits up to `wait` seconds for pulls to finish (calling
+    `on_wait` first if it has to), then raises StoreBusy having deleted nothing.
     """
     if keep < 0:
         raise ValueError("keep must be 0 or more")
+    with store.lock(exclusive=True, wait=wait, on_wait=on_wait):
+        return _prune(store, keep)
+
+
+def _prune(store: LocalStore, keep: int) -> Pruned:
     seen: dict[str, int] = {}
     kept: list[ImageRecord] = []
     dropped: list[ImageRecord] = []

@@ -10,14 +10,16 @@ Storage is one SQLite database in WAL mode, chosen over one-file-per-chunk becau
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import zstandard
 
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS images (
 );
 """
 _BATCH = 500
+LOCK_FILE = "lock"
 
 
 def default_store_path() -> Path:
@@ -56,6 +59,10 @@ def default_store_path() -> Path:
 
 class StoreError(Exception):
     pass
+
+
+class StoreBusy(StoreError):
+    """The store lock was not had within the time asked for."""
 
 
 class CorruptChunk(StoreError):
@@ -119,6 +126,38 @@ class LocalStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+    @contextmanager
+    def lock(self, exclusive: bool = False, wait: float | None = None,
+             on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Holds the store lock: shared by whatever stores chunks before an image record names them all (a pull,
+        indexing), exclusive by gc, which deletes every chunk no kept record names. Waits up to `wait` seconds
+        (None: as long as it takes), calling `on_wait` first if it has to wait; StoreBusy past that.
+
+        flock on `<store>/lock`, not the file's existence: the kernel drops it when its holder dies, SIGKILL too,
+        so it is never stale. Each call opens the file anew: flock locks belong to the open file, so threads of
+        one process share and exclude like processes do.
+        """
+        # Read-only is enough for flock, and lets users who may only read the file lock it too.
+        fd = os.open(self.path / LOCK_FILE, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            if not _try_flock(fd, mode):
+                if on_wait is not None:
+                    on_wait()
+                if wait is None:
+                    fcntl.flock(fd, mode)
+                else:
+                    # Polled: flock itself has no timeout.
+                    deadline = time.monotonic() + wait
+                    while not _try_flock(fd, mode):
+                        if time.monotonic() >= deadline:
+                            holder = "a pull (or other writer) is" if exclusive else "`chunksync store gc` is"
+                            raise StoreBusy(f"{holder} using the store at {self.path}")
+                        time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # drops the lock
 
     # --- chunks -----------------------------------------------------------------------------------------
 
@@ -248,7 +287,8 @@ class LocalStore:
         return bad
 
     def gc(self, keep: set[bytes]) -> int:
-        """Deletes every chunk whose id is not in `keep`; returns how many were deleted."""
+        """Deletes every chunk whose id is not in `keep`; returns how many were deleted. Hold `lock(exclusive=True)`
+        from choosing `keep` to here (retention.prune does), or a pull's new chunks go too."""
         doomed = [cid for cid in self.ids() if cid not in keep]
         deleted = self.delete(doomed)
         if deleted:
@@ -357,6 +397,14 @@ class ChunkWriter:
         self._batch.clear()
         self._pending = 0
         return self.added
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 class _transaction:

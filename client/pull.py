@@ -156,16 +156,20 @@ class Pull:
         start = time.monotonic()
         try:
             expected = self._resolve()
-            try:
-                image, index = self._from_store(expected) or self._diff(expected)
-            except SERVER_FAILURES as exc:
-                if expected is None:
-                    raise PullError(f"the server failed ({exc}) and the registry is unreachable, so there is "
-                                    "nothing to fall back to; check both and pull again") from None
-                self.warn(f"server failed: {exc}; pulling plainly from the registry instead")
-                self.report.path, self.report.fallback_reason = "fallback", str(exc)
-                image, index = self._fallback(expected)
-            self._write(image, index)
+            # Shared, against `store gc`: from the have-set to the last record, this pull relies on chunks gc may
+            # delete: its own, stored before a complete record names them, and older images' (delta bases).
+            with self.store.lock(on_wait=lambda: self._warn(f"`chunksync store gc` is running on the store at "
+                                                            f"{self.store.path}; waiting for it to finish")):
+                try:
+                    image, index = self._from_store(expected) or self._diff(expected)
+                except SERVER_FAILURES as exc:
+                    if expected is None:
+                        raise PullError(f"the server failed ({exc}) and the registry is unreachable, so there is "
+                                        "nothing to fall back to; check both and pull again") from None
+                    self.warn(f"server failed: {exc}; pulling plainly from the registry instead")
+                    self.report.path, self.report.fallback_reason = "fallback", str(exc)
+                    image, index = self._fallback(expected)
+                self._write(image, index)
         finally:
             self.progress.finish()
             self.report.seconds = time.monotonic() - start
@@ -269,7 +273,7 @@ class Pull:
         self.report.manifest_digest, self.report.config_digest = digest, image.config_digest
         self.report.full_pull_bytes = image.full_pull_bytes
         if not (record := self.store.get_image(image.repository, digest)) or not record.complete:
-            # Recorded before any chunk arrives, so a store gc keeps an interrupted pull's chunks.
+            # Recorded before any chunk arrives, so a later store gc keeps an interrupted pull's chunks.
             self.store.put_image(image.repository, digest, index_data, manifest, config, complete=False)
         return image, index, index_data
 

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -200,21 +201,22 @@ class Indexer:
 
     def _index(self, repository: str, manifest: Manifest) -> IndexReport:
         started = time.monotonic()
-        try:
-            config = self.registry.get_blob(repository, manifest.config["digest"])
-            layers, chunked = [], 0
-            for descriptor in manifest.layers:
-                layer = self._known_layer(descriptor["digest"])
-                if layer is None:
-                    layer = self._index_layer(repository, descriptor)
-                    chunked += layer.uncompressed_size
-                layers.append(layer)
-        except Exception:
-            self.metrics.inc("chunksync_index_failures_total")
-            raise
-        index = ImageIndex(manifest.digest, layers)
-        index_data = index.encode()
-        self.store.put_image(repository, manifest.digest, index_data, manifest.data, config, complete=True)
+        with self._writing():  # the chunks go in before the record that names them
+            try:
+                config = self.registry.get_blob(repository, manifest.config["digest"])
+                layers, chunked = [], 0
+                for descriptor in manifest.layers:
+                    layer = self._known_layer(descriptor["digest"])
+                    if layer is None:
+                        layer = self._index_layer(repository, descriptor)
+                        chunked += layer.uncompressed_size
+                    layers.append(layer)
+            except Exception:
+                self.metrics.inc("chunksync_index_failures_total")
+                raise
+            index = ImageIndex(manifest.digest, layers)
+            index_data = index.encode()
+            self.store.put_image(repository, manifest.digest, index_data, manifest.data, config, complete=True)
         seconds = time.monotonic() - started
         self.metrics.inc("chunksync_images_indexed_total")
         self.metrics.observe("chunksync_index_seconds", seconds)
@@ -290,19 +292,25 @@ class Indexer:
         missing = wanted - self.store.has_many(ids)
         if not missing and image.verified:
             return
-        for descriptor, layer in zip(_manifest_layers(image), image.index.layers):
-            layer_ids = layer.chunk_ids()
-            if layer_ids & missing or (not image.verified and layer_ids & wanted and not self._is_verified(layer)):
-                self._layers.do(layer.digest, lambda: self._rechunk(image, descriptor, layer))
-        still = wanted - self.store.has_many(ids)
-        if still:
-            raise RegistryFailed(f"{len(still)} chunks of {image.repository}@{image.manifest_digest} are in no "
-                                 "layer of the image: its index is wrong")
-        if image.verified or all(self._is_verified(layer) for layer in image.index.layers):
-            self.store.put_image(image.repository, image.manifest_digest, image.index_data, image.manifest,
-                                 image.config, complete=True)
-            if not image.verified:
-                self._remember(dataclasses.replace(image, verified=True))
+        with self._writing():
+            for descriptor, layer in zip(_manifest_layers(image), image.index.layers):
+                layer_ids = layer.chunk_ids()
+                if layer_ids & missing or (not image.verified and layer_ids & wanted and not self._is_verified(layer)):
+                    self._layers.do(layer.digest, lambda: self._rechunk(image, descriptor, layer))
+            still = wanted - self.store.has_many(ids)
+            if still:
+                raise RegistryFailed(f"{len(still)} chunks of {image.repository}@{image.manifest_digest} are in no "
+                                     "layer of the image: its index is wrong")
+            if image.verified or all(self._is_verified(layer) for layer in image.index.layers):
+                self.store.put_image(image.repository, image.manifest_digest, image.index_data, image.manifest,
+                                     image.config, complete=True)
+                if not image.verified:
+                    self._remember(dataclasses.replace(image, verified=True))
+
+    def _writing(self) -> AbstractContextManager[None]:
+        """The store lock, shared: a `chunksync store gc` on this store waits until the chunks are recorded."""
+        return self.store.lock(on_wait=lambda: log.info("waiting for `chunksync store gc` on %s to finish",
+                                                        self.store.path))
 
     def _is_verified(self, layer: LayerIndex) -> bool:
         with self._lock:
