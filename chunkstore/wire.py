@@ -53,6 +53,15 @@ class LimitExceeded(ProtocolError):
     """A request over one of the protocol's size limits (a server answers 413, not 400)."""
 
 
+class UnsupportedVersion(ProtocolError):
+    """A request of a protocol version the server does not speak; `versions` are those it does, so the device can
+    ask again at one of them (docs/PROTOCOL.md, "Version negotiation")."""
+
+    def __init__(self, message: str, versions: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.versions = versions
+
+
 # --- requests -------------------------------------------------------------------------------------------
 
 @dataclass
@@ -81,14 +90,15 @@ class ChunksRequest:
     repository: str
     manifest_digest: str
     ids: bytes                          # concatenated 32-byte chunk ids
+    version: int = 1                    # the message is the same in every version: 1, so every server takes it,
+                                        # unless one that no longer speaks 1 says which versions it speaks
 
     def encode(self) -> bytes:
-        # Unchanged since version 1: say 1, so version-1 servers take it too.
-        return msgpack.packb({"v": 1, "repository": self.repository,
+        return msgpack.packb({"v": self.version, "repository": self.repository,
                               "manifest_digest": self.manifest_digest, "ids": self.ids}, use_bin_type=True)
 
 
-def _load_map(body: bytes, what: str) -> dict:
+def _load_map(body: bytes, what: str, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> dict:
     if len(body) > MAX_REQUEST_BYTES:
         raise LimitExceeded(f"{what} of {len(body)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
     try:
@@ -103,9 +113,11 @@ def _load_map(body: bytes, what: str) -> dict:
         raise ProtocolError(f"{what} is not valid msgpack: {str(exc)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} must be a msgpack map, got {type(obj).__name__}")
-    if obj.get("v") not in SUPPORTED_VERSIONS or isinstance(obj.get("v"), bool):
-        raise ProtocolError(f"{what}: protocol version {str(obj.get('v'))[:20]} is not supported "
-                            f"(this server speaks {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    if obj.get("v") not in versions or isinstance(obj.get("v"), bool):
+        speaks = tuple(sorted(versions))
+        # The words stay those of older servers: devices that predate UnsupportedVersion's list parse them.
+        raise UnsupportedVersion(f"{what}: protocol version {str(obj.get('v'))[:20]} is not supported "
+                                 f"(this server speaks {', '.join(map(str, speaks))})", speaks)
     return obj
 
 
@@ -123,8 +135,9 @@ def _checked(check, value: str, what: str) -> str:
         raise ProtocolError(f"{what}: {exc}") from None
 
 
-def decode_sync_request(body: bytes) -> SyncRequest:
-    obj = _load_map(body, "sync request")
+def decode_sync_request(body: bytes, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> SyncRequest:
+    """The request, if its version is one of `versions` (what this server speaks, a subset of SUPPORTED_VERSIONS)."""
+    obj = _load_map(body, "sync request", versions)
     what = "sync request"
     platform = obj.get("platform", "linux/amd64")
     if not isinstance(platform, str) or not 3 <= len(platform) <= 64 or platform.count("/") not in (1, 2):
@@ -157,9 +170,9 @@ def decode_sync_request(body: bytes) -> SyncRequest:
         platform=platform, have_images=pairs, bloom=bloom, version=obj["v"], have_manifest=have_manifest)
 
 
-def decode_chunks_request(body: bytes) -> ChunksRequest:
+def decode_chunks_request(body: bytes, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> ChunksRequest:
     what = "chunks request"
-    obj = _load_map(body, what)
+    obj = _load_map(body, what, versions)
     ids = obj.get("ids")
     if not isinstance(ids, bytes) or len(ids) % ID_SIZE or not ids:
         raise ProtocolError(f"{what}: ids must be a non-empty byte string of 32-byte chunk ids")
@@ -168,7 +181,7 @@ def decode_chunks_request(body: bytes) -> ChunksRequest:
     return ChunksRequest(
         repository=_checked(oci.validate_repository, _str(obj, "repository", what), what),
         manifest_digest=_checked(oci.validate_digest, _str(obj, "manifest_digest", what), what),
-        ids=ids)
+        ids=ids, version=obj["v"])
 
 
 # --- frames ---------------------------------------------------------------------------------------------

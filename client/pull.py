@@ -2,6 +2,9 @@
 every layer verified against its diff_id, output written atomically; a plain registry pull when the server fails."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,7 @@ from chunkstore.wire import (
     FRAME_ERROR,
     FRAME_HEADER,
     MAX_REPAIR_IDS,
+    SUPPORTED_VERSIONS,
     ChunksRequest,
     Frame,
     ProtocolError,
@@ -111,6 +115,10 @@ def registry_url(host: str, plain_http: bool) -> str:
     if host == "docker.io":
         host = "registry-1.docker.io"
     return f"{'http' if plain_http or is_loopback_host(host) else 'https'}://{host}"
+
+
+def _spell(versions: tuple[int, ...]) -> str:
+    return ", ".join(map(str, versions))
 
 
 class _Discard:
@@ -224,8 +232,8 @@ class Pull:
         # Ask by digest when the registry told us one: the server then cannot answer for another version.
         reference = expected.digest if expected else self.ref.reference
         request = SyncRequest(repo, reference, self.options.platform, have.images, have.bloom,
-                              version=protocol_version(), have_manifest=expected is not None)
-        with self.api.sync(request) as frames:
+                              version=max(self._versions), have_manifest=expected is not None)
+        with self._negotiated(self.api.sync, request, "sync request") as frames:
             first = next(frames, None)
             if first is None or first.type != FRAME_HEADER:
                 raise self._unexpected(first, "a HEADER frame")
@@ -242,6 +250,41 @@ class Pull:
             if self._missing_in(layer):
                 index.layers[i] = self._layer_from_registry(image, i, index, "its chunks could not be had")
         return image, index
+
+    @functools.cached_property
+    def _versions(self) -> tuple[int, ...]:
+        """The protocol versions this device speaks: all up to the one it asks for (6 only with GNU gzip)."""
+        return tuple(v for v in SUPPORTED_VERSIONS if v <= protocol_version())
+
+    @contextlib.contextmanager
+    def _negotiated(self, send: Callable, request: SyncRequest | ChunksRequest, what: str) -> Iterator[Iterator[Frame]]:
+        """The frames of `send(request)`; when the server refuses the request's protocol version and says which ones
+        it speaks (docs/PROTOCOL.md, "Version negotiation"), the same request once more at the highest both speak."""
+        with contextlib.ExitStack() as stack:
+            try:
+                frames = stack.enter_context(send(request))
+            except ServerError as exc:
+                version = self._common_version(exc, request.version, what)
+                frames = stack.enter_context(send(dataclasses.replace(request, version=version)))
+            yield frames
+
+    def _common_version(self, refused: ServerError, asked: int, what: str) -> int:
+        if refused.versions is None:
+            raise refused
+        common = [v for v in refused.versions if v in self._versions]
+        if not common:
+            if set(refused.versions) & set(SUPPORTED_VERSIONS):
+                fix = "install GNU gzip on the device (version 6 needs it)"
+            else:
+                fix = f"update chunksync on the {'device' if min(refused.versions) > max(self._versions) else 'server'}"
+            raise ServerError(f"{refused}; this device speaks protocol versions {_spell(self._versions)}, none of "
+                              f"them the server's, so no diff pull is possible: {fix}",
+                              refused.status, refused.code, refused.versions)
+        if max(common) == asked:
+            raise refused  # it refused a version it says it speaks: asking again would get the same answer
+        self.warn(f"the server does not speak protocol version {asked} (it speaks {_spell(refused.versions)}); "
+                  f"asking again with the {what} at version {max(common)}, the highest both speak")
+        return max(common)
 
     def _unexpected(self, frame: Frame | None, wanted: str) -> Exception:
         if frame is None:
@@ -357,7 +400,8 @@ class Pull:
         try:
             for start in range(0, len(missing), MAX_REPAIR_IDS):
                 ids = b"".join(missing[start:start + MAX_REPAIR_IDS])
-                with self.api.chunks(ChunksRequest(self.ref.repository, index.manifest_digest, ids)) as frames:
+                request = ChunksRequest(self.ref.repository, index.manifest_digest, ids)
+                with self._negotiated(self.api.chunks, request, "repair request") as frames:
                     if not self._receive(frames, index, repair=True):
                         self.warn("the server's repair answer ended early")
         except (ServerError, ProtocolError) as exc:

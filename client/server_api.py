@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Iterator
 
 import httpx
@@ -20,12 +21,19 @@ from .traffic import CountingTransport, Traffic
 
 
 class ServerError(Exception):
-    """The chunksync server could not be reached or refused the request; `status` is None when unreachable."""
+    """The chunksync server could not be reached or refused the request; `status` is None when unreachable.
+    `versions`: the protocol versions the server speaks, when it refused the request's version."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 versions: tuple[int, ...] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.versions = versions
+
+
+# How servers that predate the "unsupported_version" code refuse a version (400 "bad_request"; one number up to 1).
+_LEGACY_REFUSAL = re.compile(r"protocol version .{1,20} is not supported \(this server speaks ((?:\d+, )*\d+)\)")
 
 
 class ResponseReader(io.RawIOBase):
@@ -53,13 +61,26 @@ class ResponseReader(io.RawIOBase):
         return n
 
 
-def _error_message(response: httpx.Response) -> tuple[str | None, str]:
+def _error_message(response: httpx.Response) -> tuple[str | None, str, tuple[int, ...] | None]:
+    """The code, message and (for a refused version) the versions the server speaks, of an error answer."""
     with contextlib.suppress(Exception):
         error = response.json()["error"]
-        return error.get("code"), error.get("message") or ""
+        code, message = error.get("code"), error.get("message") or ""
+        return code, message, _versions(response.status_code, code, message, error.get("versions"))
     with contextlib.suppress(Exception):
-        return None, response.text.strip()[:200]
-    return None, ""
+        return None, response.text.strip()[:200], None
+    return None, "", None
+
+
+def _versions(status: int, code: object, message: str, listed: object) -> tuple[int, ...] | None:
+    if status != 400:
+        return None
+    if code == "unsupported_version" and isinstance(listed, list) \
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in listed):
+        return tuple(listed)
+    if found := _LEGACY_REFUSAL.search(message):
+        return tuple(int(v) for v in found.group(1).split(", "))
+    return None
 
 
 class ServerApi:
@@ -89,9 +110,9 @@ class ServerApi:
             with self._http.stream("POST", path, content=body, headers={"Content-Type": media_type}) as response:
                 if response.status_code != 200:
                     response.read()
-                    code, message = _error_message(response)
+                    code, message, versions = _error_message(response)
                     raise ServerError(f"server {self.base_url} answered {response.status_code} to {path}"
-                                      f"{': ' + message if message else ''}", response.status_code, code)
+                                      f"{': ' + message if message else ''}", response.status_code, code, versions)
                 yield read_frames(ResponseReader(response, f"server {self.base_url}{path}"))
         except httpx.TransportError as exc:
             raise ServerError(f"server {self.base_url}: {exc.__class__.__name__}: {exc}") from exc

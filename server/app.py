@@ -31,13 +31,13 @@ def create_app(config: ServerConfig) -> Starlette:
 
     async def sync(request: Request) -> Response:
         body = await read_capped(request, config.max_body_bytes, "sync request")
-        parsed = await run_in_threadpool(decode_sync_request, body)
+        parsed = await run_in_threadpool(decode_sync_request, body, config.protocol_versions)
         frames = await run_in_threadpool(service.prepare_sync, parsed, request.headers.get("authorization"))
         return StreamingResponse(iterate_in_threadpool(frames), media_type=FRAMES_MEDIA_TYPE)
 
     async def chunks(request: Request) -> Response:
         body = await read_capped(request, config.max_body_bytes, "chunks request")
-        parsed = await run_in_threadpool(decode_chunks_request, body)
+        parsed = await run_in_threadpool(decode_chunks_request, body, config.protocol_versions)
         frames = await run_in_threadpool(service.prepare_chunks, parsed, request.headers.get("authorization"))
         return StreamingResponse(iterate_in_threadpool(frames), media_type=FRAMES_MEDIA_TYPE)
 

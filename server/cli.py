@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from chunkstore import wire
 from chunkstore.oci import InvalidReference, is_loopback_host, parse_image_ref
 from chunkstore.store import LocalStore
 from client.registry import Manifest, RegistryClient, RegistryError
@@ -30,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--no-deltas", action="store_true",
                        help="send changed content as whole chunks only, never as deltas against a device's old files")
+    serve.add_argument("--protocol-versions", type=_versions, default=wire.SUPPORTED_VERSIONS, metavar="LIST",
+                       help="speak only these protocol versions, e.g. 1-5 to send no version-6 answers; a device "
+                            "asking for another is told the list and asks again (default: all, "
+                            f"{_spell(wire.SUPPORTED_VERSIONS)})")
     serve.set_defaults(func=run_serve)
 
     index = subparsers.add_parser("index", help="index an image now and push its chunk index to the registry",
@@ -61,6 +66,25 @@ def _fail(command: str, message: str, code: int = 1) -> int:
     return code
 
 
+def _spell(versions: tuple[int, ...]) -> str:
+    return ", ".join(map(str, versions))
+
+
+def _versions(text: str) -> tuple[int, ...]:
+    """`1-5`, `4,6` or `2-4,6`: the protocol versions `--protocol-versions` names, each one this server knows."""
+    found: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        high = high if dash else low
+        if not (low.isdigit() and high.isdigit()) or int(low) > int(high):
+            raise argparse.ArgumentTypeError(f"{text!r}: write versions as 1-5, 4,6 or 2-4,6")
+        found.update(range(int(low), int(high) + 1))
+    if not found <= set(wire.SUPPORTED_VERSIONS):
+        raise argparse.ArgumentTypeError(f"{text!r}: this server knows protocol versions "
+                                         f"{_spell(wire.SUPPORTED_VERSIONS)} only")
+    return tuple(sorted(found))
+
+
 def _split_listen(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -77,7 +101,8 @@ def run_serve(args: argparse.Namespace) -> int:
         host, port = _split_listen(args.listen)
         config = ServerConfig(registry_url=args.registry, store_dir=args.store, registry_user=args.registry_user,
                               registry_password=args.registry_password, push_indexes=not args.no_push,
-                              events_token=args.events_token, deltas=not args.no_deltas)
+                              events_token=args.events_token, deltas=not args.no_deltas,
+                              protocol_versions=args.protocol_versions)
     except ValueError as exc:
         return _fail("serve", str(exc), 2)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -31,9 +31,15 @@ class ServerConfig:
     zstd_level: int = 3
     index_workers: int = 2                  # background indexing threads (push notifications)
     deltas: bool = True                     # send changed files as deltas against a held image (protocol v2)
+    # The protocol versions this server speaks: all it knows, unless the operator withholds some (--protocol-versions).
+    protocol_versions: tuple[int, ...] = wire.SUPPORTED_VERSIONS
 
     def __post_init__(self) -> None:
         if not self.registry_url.startswith(("http://", "https://")):
             raise ValueError(f"registry URL must start with http:// or https://, got {self.registry_url!r}")
         if self.chunks_frame_bytes > wire.MAX_CHUNKS_FRAME_BYTES:
             raise ValueError(f"chunks_frame_bytes is over the protocol's {wire.MAX_CHUNKS_FRAME_BYTES}")
+        unknown = set(self.protocol_versions) - set(wire.SUPPORTED_VERSIONS)
+        if not self.protocol_versions or unknown:
+            raise ValueError(f"protocol versions must be some of {', '.join(map(str, wire.SUPPORTED_VERSIONS))}, "
+                             f"got {', '.join(map(str, self.protocol_versions)) or 'none'}")

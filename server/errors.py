@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse
 from chunkstore.bloom import BloomFormatError
 from chunkstore.index import IndexFormatError
 from chunkstore.oci import DigestMismatch, InvalidReference
-from chunkstore.wire import LimitExceeded, ProtocolError
+from chunkstore.wire import LimitExceeded, ProtocolError, UnsupportedVersion
 from client.registry import NotFound, PlatformNotFound, RegistryError
 
 
@@ -15,9 +15,11 @@ class ApiError(Exception):
     status = 500
     code = "internal"
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 details: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details or {}  # more keys of the JSON error, for machines (e.g. "versions")
         if status is not None:
             self.status = status
         if code is not None:
@@ -55,6 +57,9 @@ def as_api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, LimitExceeded):
         return TooLarge(str(exc))
+    if isinstance(exc, UnsupportedVersion):
+        # 400 as before, so devices that predate the code still read it as a refusal (and parse the message).
+        return BadRequest(str(exc), code="unsupported_version", details={"versions": list(exc.versions)})
     if isinstance(exc, (ProtocolError, InvalidReference, BloomFormatError)):
         return BadRequest(str(exc))
     if isinstance(exc, PlatformNotFound):
@@ -67,7 +72,7 @@ def as_api_error(exc: Exception) -> ApiError:
 
 
 def error_body(error: ApiError) -> dict:
-    return {"error": {"code": error.code, "message": error.message}}
+    return {"error": {"code": error.code, "message": error.message, **error.details}}
 
 
 async def error_response(request: Request, exc: Exception) -> JSONResponse:

@@ -16,7 +16,7 @@ from chunkstore.bloom import BloomFilter
 from chunkstore.index import chunk_id
 from chunkstore.wire import (DELTA_CONTENT, DELTA_GROUP, FRAME_CHUNKS, FRAME_END, FRAME_HEADER, MAX_CHUNKS_FRAME_BYTES,
                              MAX_FRAME_PAYLOAD, MAX_GROUP_RANGES, MAX_HAVE_IMAGES, ChunksRequest, DeltaGroup, DeltaItem,
-                             ProtocolError, SyncRequest, batch_chunks, decode_chunks, decode_chunks_request,
+                             ProtocolError, SyncRequest, UnsupportedVersion, batch_chunks, decode_chunks, decode_chunks_request,
                              decode_delta, decode_item, decode_sync_request, encode_delta, encode_end, encode_error,
                              encode_frame, encode_header, read_frames)
 
@@ -46,6 +46,20 @@ def test_sync_request_round_trip() -> None:
 def test_chunks_request_round_trip() -> None:
     request = ChunksRequest("team/app", DIGEST, b"".join(cid for cid, _ in some_chunks(3)))
     assert decode_chunks_request(request.encode()) == request
+    assert msgpack.unpackb(request.encode())["v"] == 1  # the message of every version: 1, which every server takes
+    at_six = ChunksRequest("team/app", DIGEST, request.ids, version=6)
+    assert decode_chunks_request(at_six.encode()) == at_six
+
+
+def test_a_version_the_server_does_not_speak_is_refused_with_the_ones_it_does() -> None:
+    for decode, body in ((decode_sync_request, SyncRequest("team/app", "v1", version=6).encode()),
+                         (decode_chunks_request, ChunksRequest("team/app", DIGEST, b"\1" * 32, version=6).encode())):
+        with pytest.raises(UnsupportedVersion) as refused:
+            decode(body, (5, 1, 2, 3, 4))
+        assert refused.value.versions == (1, 2, 3, 4, 5)
+        # The words of older servers, which older devices parse.
+        assert "protocol version 6 is not supported (this server speaks 1, 2, 3, 4, 5)" in str(refused.value)
+        assert decode(body, (6,)).version == 6
 
 
 def sync(**fields: object) -> bytes:
