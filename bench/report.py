@@ -27,9 +27,12 @@ def chunksync_costs(results: dict) -> list[str]:
     rows = []
     for pair, cs in results["chunksync"].items():
         for label, key in (("v2 after v1", "update"), ("v2 after v1, first device (deltas computed)", "update_cold"),
-                           ("first pull, empty device", "first_pull")):
+                           ("first pull, empty device", "first_pull"),
+                           ("first pull, a later empty device", "first_pull_later")):
+            if key not in cs:  # results of runs before it was measured
+                continue
             r = cs[key]
-            full = cs["full_pull_bytes"] if key == "first_pull" else cs["changed_layer_bytes"]
+            full = cs["full_pull_bytes"] if key.startswith("first_pull") else cs["changed_layer_bytes"]
             counted = r["client_bytes_received"] + r["client_bytes_sent"]
             rows.append([pair, label, _mb(r["wire_bytes"]), _f(100 * ratio(r["wire_bytes"], full), "{:.1f}"),
                          f"{r['wire_sent']:,}", f"{counted - r['wire_bytes']:+,}",

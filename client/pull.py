@@ -86,6 +86,7 @@ class PullReport:
     chunks_received: int = 0           # verified chunks taken from the server, repair round included
     chunks_rejected: int = 0           # chunks that failed verification on arrival (asked for again)
     repair_chunks: int = 0             # chunks received in the repair round
+    chunks_already_held: int = 0       # verified chunks the store already had (sent with a whole segment)
     have_images: int = 0
     bloom_bytes: int = 0
     delta_items: int = 0               # DELTA items applied (changed files and header streams rebuilt from old ones)
@@ -376,11 +377,13 @@ class Pull:
                 self.report.chunks_rejected += len(pairs) - len(good)
                 self.warn(f"{len(pairs) - len(good)} chunk(s) failed verification and were dropped; "
                           "they will be asked for again")
-            # Verified just above (and limited to this image's ids), so the store need not hash them again.
-            self.store.put_many(good, verify=False)
-            self.report.chunks_received += len(good)
+            # Verified just above (and limited to this image's ids), so the store need not hash them again. A whole
+            # segment may bring chunks the Bloom filter rightly claimed: only those new to the store count.
+            added = self.store.put_many(good, verify=False)
+            self.report.chunks_received += added
+            self.report.chunks_already_held += len(good) - added
             if repair:
-                self.report.repair_chunks += len(good)
+                self.report.repair_chunks += added
             self.progress.advance(sum(len(data) for _, data in good))
         return False
 

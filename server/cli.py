@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--no-deltas", action="store_true",
                        help="send changed content as whole chunks only, never as deltas against a device's old files")
+    serve.add_argument("--frame-cache-mb", type=int, default=2048, metavar="MB",
+                       help="disk for CHUNKS frames of whole segments, compressed once and sent to every later "
+                            "device that lacks them (default 2048; 0: make every frame for its device)")
     serve.add_argument("--protocol-versions", type=_versions, default=wire.SUPPORTED_VERSIONS, metavar="LIST",
                        help="speak only these protocol versions, e.g. 1-5 to send no version-6 answers; a device "
                             "asking for another is told the list and asks again (default: all, "
@@ -102,7 +105,8 @@ def run_serve(args: argparse.Namespace) -> int:
         config = ServerConfig(registry_url=args.registry, store_dir=args.store, registry_user=args.registry_user,
                               registry_password=args.registry_password, push_indexes=not args.no_push,
                               events_token=args.events_token, deltas=not args.no_deltas,
-                              protocol_versions=args.protocol_versions)
+                              protocol_versions=args.protocol_versions,
+                              frame_cache_bytes=max(0, args.frame_cache_mb) << 20)
     except ValueError as exc:
         return _fail("serve", str(exc), 2)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -28,7 +28,9 @@ class ServerConfig:
     max_event_bytes: int = 1 << 20          # a notification envelope; distribution batches a few events
     auth_ttl: float = 30.0                  # seconds a device's access to a repository stays checked
     chunks_frame_bytes: int = wire.CHUNKS_FRAME_TARGET
-    zstd_level: int = 3
+    zstd_level: int = 3                     # CHUNKS frames made for one device
+    frame_cache_bytes: int = 2 << 30        # whole-segment frames kept for later devices (segments.py); 0: none
+    segment_level: int = 9                  # their zstd level: paid once, sent to every device after
     index_workers: int = 2                  # background indexing threads (push notifications)
     deltas: bool = True                     # send changed files as deltas against a held image (protocol v2)
     # The protocol versions this server speaks: all it knows, unless the operator withholds some (--protocol-versions).

@@ -23,6 +23,7 @@ _HELP = {
     "chunksync_delta_items_sent_total": ("counter", "DELTA items sent to devices"),
     "chunksync_delta_bytes_sent_total": ("counter", "encoded bytes of the DELTA items sent"),
     "chunksync_index_delta_bytes_total": ("counter", "bytes of index deltas sent in place of whole indexes"),
+    "chunksync_segment_frames_total": ("counter", "whole-segment CHUNKS frames sent, by outcome: computed or cached"),
 }
 
 
@@ -75,7 +76,7 @@ def _number(value: float) -> str:
 
 def _is_labelled(name: str) -> bool:
     return name in {"chunksync_requests_total", "chunksync_indexes_found_total", "chunksync_events_total",
-                    "chunksync_delta_pairs_total"}
+                    "chunksync_delta_pairs_total", "chunksync_segment_frames_total"}
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -21,9 +21,11 @@ from .deltacache import DeltaCache
 from .deltasync import DeltaAnswer, DeltaSource
 from .errors import BadRequest, TooLarge, UnknownImage, as_api_error
 from .events import PushedImage, is_artifact
+from .framecache import FrameCache
 from .indexer import IndexedImage, Indexer
 from .metrics import Metrics
-from .sync import DeltaFrames, Plan, plan_chunks, stream_frames
+from .segments import pieces
+from .sync import DeltaFrames, Plan, Segments, plan_chunks, stream_frames
 
 log = logging.getLogger("chunksync.server")
 
@@ -38,6 +40,8 @@ class Service:
         self.access = AccessChecker(config.registry_url, config.auth_ttl)
         self.indexer = Indexer(self.store, self.registry, self.metrics, push=config.push_indexes)
         self.deltas = DeltaSource(self.store, self.indexer, DeltaCache(config.store_dir), self.metrics)
+        self.segments = (Segments(FrameCache(config.store_dir, config.frame_cache_bytes), config.segment_level)
+                         if config.frame_cache_bytes else None)
         self._background = ThreadPoolExecutor(config.index_workers, thread_name_prefix="chunksync-index")
 
     def close(self) -> None:
@@ -68,7 +72,11 @@ class Service:
         delta = self._delta_answer(request, image, held, plan)
         if delta is not None:
             plan = Plan([cid for cid in plan.ids if cid not in delta.covered], plan.skipped)
-        self.indexer.ensure_chunks(image, plan.ids)
+        if self.segments is not None:
+            held = have | delta.covered if delta is not None else have
+            plan.pieces = pieces(image.ordered_chunks(), plan.ids, held, self.config.chunks_frame_bytes)
+            plan.skipped -= sum(len(piece.ids) for piece in plan.pieces) - len(plan.ids)  # Bloom hits sent anyway
+        self.indexer.ensure_chunks(image, [cid for piece in plan.parts() for cid in piece.ids])
         # The device asked by digest and holds those manifest bytes (it verified them): not sent again.
         manifest_data = b"" if request.have_manifest and manifest.digest == request.reference else manifest.data
         extra = {"platform": _platform_of(image, request.platform)}
@@ -111,7 +119,7 @@ class Service:
 
     def _frames(self, plan: Plan, header: bytes | None, deltas: DeltaFrames | None = None) -> Iterator[bytes]:
         return stream_frames(self.store, plan, self.metrics, header=header, level=self.config.zstd_level,
-                             frame_bytes=self.config.chunks_frame_bytes, deltas=deltas)
+                             frame_bytes=self.config.chunks_frame_bytes, deltas=deltas, segments=self.segments)
 
     def chunk(self, repository: str, digest: str, cid: bytes, authorization: str | None,
               etag_only: bool = False) -> bytes | None:

@@ -1,5 +1,6 @@
 """What a sync or repair answer sends, and the frames that carry it: planned from the index and the device's
-have-set, streamed chunk by chunk from the store so memory stays at about one CHUNKS frame."""
+have-set, streamed chunk by chunk from the store (or as cached whole-segment frames, segments.py) so memory stays
+at about one CHUNKS frame."""
 from __future__ import annotations
 
 import logging
@@ -10,10 +11,12 @@ import zstandard
 
 from chunkstore.bloom import BloomFilter
 from chunkstore.store import LocalStore
-from chunkstore.wire import batch_chunks, encode_end, encode_error
+from chunkstore.wire import batch_chunks, encode_chunks, encode_end, encode_error
 
 from .errors import as_api_error
+from .framecache import FrameCache, frame_key
 from .metrics import Metrics
+from .segments import Piece
 
 log = logging.getLogger("chunksync.server")
 
@@ -22,6 +25,10 @@ log = logging.getLogger("chunksync.server")
 class Plan:
     ids: list[bytes]   # chunk ids to send, in index order, each once
     skipped: int       # chunks of the image the device already has (have_images or a Bloom hit)
+    pieces: list[Piece] | None = None  # how `ids` go (whole segments among them); None: all in frames made now
+
+    def parts(self) -> list[Piece]:
+        return self.pieces if self.pieces is not None else [Piece(self.ids, False)]
 
 
 def plan_chunks(ordered: Iterable[bytes], have: set[bytes], bloom: BloomFilter | None) -> Plan:
@@ -37,10 +44,18 @@ def plan_chunks(ordered: Iterable[bytes], have: set[bytes], bloom: BloomFilter |
 DeltaFrames = Callable[[dict[str, int]], Iterator[bytes]]
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Whole segments: frames compressed at `level` once, kept in `cache`."""
+    cache: FrameCache
+    level: int = 9
+
+
 def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: bytes | None = None,
-                  level: int = 3, frame_bytes: int = 4 << 20, deltas: DeltaFrames | None = None) -> Iterator[bytes]:
+                  level: int = 3, frame_bytes: int = 4 << 20, deltas: DeltaFrames | None = None,
+                  segments: Segments | None = None) -> Iterator[bytes]:
     """HEADER (if given), DELTA frames (if `deltas`; it counts what it sends), CHUNKS frames of about
-    `frame_bytes`, END; an ERROR frame instead of END on failure.
+    `frame_bytes` (a whole segment's frame from `segments`), END; an ERROR frame instead of END on failure.
 
     Blocking (store reads, zstd): iterate it in a worker thread.
     """
@@ -48,17 +63,34 @@ def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: by
         yield header
     counts = {"chunks": 0, "bytes": 0, "delta_items": 0, "delta_bytes": 0}
 
-    def chunks() -> Iterator[tuple[bytes, bytes]]:
-        for cid in plan.ids:
+    def chunks(ids: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+        for cid in ids:
             data = store.get(cid)  # verified against its id: a broken store cannot spread corruption
             counts["chunks"] += 1
             counts["bytes"] += len(data)
             yield cid, data
 
+    def whole(piece: Piece, found: Segments) -> bytes:
+        key = frame_key(piece.ids, found.level)
+        frame = found.cache.get(key)
+        metrics.inc("chunksync_segment_frames_total", outcome="cached" if frame else "computed")
+        if frame is None:
+            frame = encode_chunks(list(chunks(piece.ids)), zstandard.ZstdCompressor(level=found.level))
+            found.cache.put(key, frame)
+        else:
+            counts["chunks"] += len(piece.ids)
+            counts["bytes"] += piece.size
+        return frame
+
     try:
         if deltas is not None:
             yield from deltas(counts)
-        yield from batch_chunks(chunks(), zstandard.ZstdCompressor(level=level), frame_bytes)
+        cctx = zstandard.ZstdCompressor(level=level)
+        for piece in plan.parts():
+            if piece.whole and segments is not None:
+                yield whole(piece, segments)
+            else:
+                yield from batch_chunks(chunks(piece.ids), cctx, frame_bytes)
     except Exception as exc:
         error = as_api_error(exc)
         log.warning("stream failed after %d chunks: %s", counts["chunks"], error.message)
