@@ -4,7 +4,6 @@ costs one computation (per protocol version its devices speak)."""
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -13,6 +12,8 @@ from pathlib import Path
 import msgpack
 
 from chunkstore.wire import AnyDeltaItem, decode_item
+
+from .cachedb import CacheDB
 
 _SCHEMA = """
 DROP TABLE IF EXISTS pairs;                 -- the layout before version 3 (a cache: recomputed on demand)
@@ -47,19 +48,11 @@ class DeltaCache:
     or not at all, and items left by a process killed mid-way are replaced on the next computation."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "deltas.db"
-        self._local = threading.local()
-        self._db().executescript(_SCHEMA)
+        self._file = CacheDB(directory / "deltas.db", _SCHEMA)
+        self.path = self._file.path
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return self._file.connection()
 
     def get(self, old: str, new: str, version: int) -> CachedPair | None:
         row = self._db().execute("SELECT index_delta, items, bytes, seconds FROM delta_pairs WHERE old = ? AND new = ? "

@@ -3,11 +3,12 @@ compressed once and sent to every later device as stored. Bounded: past `max_byt
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 from chunkstore.index import chunk_id
+
+from .cachedb import CacheDB
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -28,20 +29,12 @@ def frame_key(ids: list[bytes], level: int) -> bytes:
 
 class FrameCache:
     def __init__(self, directory: Path, max_bytes: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "frames.db"
+        self._file = CacheDB(directory / "frames.db", _SCHEMA)
+        self.path = self._file.path
         self.max_bytes = max_bytes
-        self._local = threading.local()
-        self._db().executescript(_SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            self._local.db = db
-        return db
+        return self._file.connection()
 
     def get(self, key: bytes) -> bytes | None:
         db = self._db()
