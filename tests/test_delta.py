@@ -192,6 +192,14 @@ def test_content_delta_round_trips_and_refuses_wrong_sizes() -> None:
         zstd_decode(data[:20], base, len(target))
 
 
+def test_a_hash_cap_bounds_the_table_and_changes_nothing_above_the_levels_own() -> None:
+    base = bytes(range(256)) * 4000
+    target = base[:500_000] + b"changed" + base[500_000:]
+    assert zstd_encode(target, base, 9, max_hash_log=30) == zstd_encode(target, base, 9)
+    capped = zstd_encode(target, base, 9, max_hash_log=12)
+    assert zstd_decode(capped, base, len(target)) == target
+
+
 def test_planner_bases_each_changed_file_on_its_old_version(tars: dict[str, Layer]) -> None:
     old, new = tars["old"], tars["edited"]
     chunks = {**old.chunks, **new.chunks}

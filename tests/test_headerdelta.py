@@ -17,7 +17,7 @@ import zstandard
 
 from chunkstore.delta import BLOCK, DeltaError, header_entries, zstd_decode
 from chunkstore.headerdelta import (
-    _CHKSUM, _MTIME, _NONE, _decode_mtimes, _decode_ops, _encode_ops, decode_headers, encode_headers,
+    _CHKSUM, _MTIME, _NONE, _decode_mtimes, _decode_ops, _encode_ops, _plan_ops, decode_headers, encode_headers,
 )
 from chunkstore.headerlayout import layout, members
 from chunkstore.index import LayerIndex, index_layer
@@ -170,6 +170,38 @@ def test_encoding_data_that_is_not_tar_gives_the_reference_bytes() -> None:
         delta = encode_headers(new.header, new.runs, old.header, old.runs)
         assert delta == ref.reference_encode(new.header, new.runs, old.header, old.runs)
         assert delta["fields"] == 1 and _same(delta, new, old) == data  # no member: nothing to write
+
+
+def _ending_in_a_member(stream: Stream, padding: int) -> Stream:
+    """The stream cut after its last member (no end-of-archive blocks), every padding byte set to `padding`."""
+    entries = [e for e in header_entries(stream.header, stream.runs) if not e.padding]
+    end = max(e.offset + e.length for e in entries if e.path is not None)
+    header = bytearray(stream.header[:end])
+    for e in header_entries(stream.header, stream.runs):
+        if e.padding and e.offset < end:
+            header[e.offset:e.offset + e.length] = bytes([padding]) * e.length
+    runs, start = [], 0
+    for header_len, content_len in zip(stream.runs[::2], stream.runs[1::2]):
+        if start + header_len >= end:
+            return Stream(bytes(header), runs + [end - start, 0])
+        runs += [header_len, content_len]
+        start += header_len
+    raise AssertionError("no member")
+
+
+@pytest.mark.parametrize("name", ["old", "edited"])
+def test_an_old_member_placed_where_the_new_stream_has_none_gives_the_reference_bytes(
+        streams: dict[str, Stream], name: str) -> None:
+    """The last entries match by place, not path: an old stream ending in a member and a new one ending in a zero
+    block put the old member's mtime and checksum where the new stream has no fields. Paddings are not zeros."""
+    old = _ending_in_a_member(streams[name], 0xAA)
+    new = _ending_in_a_member(streams[name], 0x01)
+    new = Stream(new.header[:-BLOCK] + bytes(BLOCK), new.runs)
+    assert members(new.header, new.runs).paths[-1] is None
+    assert _plan_ops(members(new.header, new.runs), members(old.header, old.runs))[-1][1] >= 0  # copied
+    delta = encode_headers(new.header, new.runs, old.header, old.runs)
+    assert delta == ref.reference_encode(new.header, new.runs, old.header, old.runs)
+    assert delta["fields"] == 1 and _same(delta, new, old) == new.header
 
 
 # --- decoding against the definition --------------------------------------------------------------------------
