@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zstandard
 
@@ -17,6 +17,7 @@ from .errors import as_api_error
 from .framecache import FrameCache, frame_key
 from .metrics import Metrics
 from .segments import Piece
+from .singleflight import SingleFlight
 
 log = logging.getLogger("chunksync.server")
 
@@ -46,9 +47,11 @@ DeltaFrames = Callable[[dict[str, int]], Iterator[bytes]]
 
 @dataclass(frozen=True)
 class Segments:
-    """Whole segments: frames compressed at `level` once, kept in `cache`."""
+    """Whole segments: frames compressed at `level` once, kept in `cache`; devices asking for the same uncached
+    frame at the same time (a fleet rollout) share one compression."""
     cache: FrameCache
     level: int = 9
+    flights: SingleFlight[bytes] = field(default_factory=SingleFlight)
 
 
 def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: bytes | None = None,
@@ -72,14 +75,22 @@ def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: by
 
     def whole(piece: Piece, found: Segments) -> bytes:
         key = frame_key(piece.ids, found.level)
-        frame = found.cache.get(key)
-        metrics.inc("chunksync_segment_frames_total", outcome="cached" if frame else "computed")
-        if frame is None:
-            frame = encode_chunks(list(chunks(piece.ids)), zstandard.ZstdCompressor(level=found.level))
-            found.cache.put(key, frame)
-        else:
-            counts["chunks"] += len(piece.ids)
-            counts["bytes"] += piece.size
+        computed = False
+
+        def compute() -> bytes:
+            nonlocal computed
+            frame = found.cache.get(key)  # a flight that just ended may have stored it
+            if frame is None:
+                computed = True
+                frame = encode_chunks([(cid, store.get(cid)) for cid in piece.ids],
+                                      zstandard.ZstdCompressor(level=found.level))
+                found.cache.put(key, frame)
+            return frame
+
+        frame = found.cache.get(key) or found.flights.do(key, compute)
+        metrics.inc("chunksync_segment_frames_total", outcome="computed" if computed else "cached")
+        counts["chunks"] += len(piece.ids)
+        counts["bytes"] += piece.size
         return frame
 
     try:

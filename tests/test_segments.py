@@ -145,3 +145,65 @@ def test_bloom_hits_in_a_lacked_segment_come_with_it(server: ServerProcess, imag
         assert answer.end is not None and answer.error is None
         assert (claimed in answer.ids) == sent and sorted(answer.ids + ([] if sent else [claimed])) == sorted(plain.ids)
         assert answer.end["skipped"] == (0 if sent else 1)
+
+
+def test_devices_asking_at_once_share_one_compression(tmp_path: Path) -> None:
+    """Two answers stream the same uncached segment at the same time: one compresses it, the other waits for that
+    frame. The overlap is made certain by holding the first store read until the second answer is waiting (a real
+    race cannot be timed reliably); the store, cache and frames are the real ones."""
+    import threading
+    import time
+
+    from chunkstore.store import LocalStore
+    from server.metrics import Metrics
+    from server.sync import Plan, Segments, stream_frames
+
+    data = [random.Random(i).randbytes(5000) for i in range(8)]
+    ids = [chunk_id(d) for d in data]
+    started, release = threading.Event(), threading.Event()
+
+    class HeldStore(LocalStore):
+        def get(self, cid: bytes) -> bytes:
+            started.set()
+            assert release.wait(10)
+            return super().get(cid)
+
+    store = HeldStore(tmp_path / "store")
+    store.put_many(list(zip(ids, data)))
+    segments_ = Segments(FrameCache(tmp_path / "cache", 1 << 20))
+    metrics = Metrics()
+    plan = Plan(ids, 0, [Piece(ids, True, sum(map(len, data)))])
+    answers: list[list[bytes]] = []
+
+    def answer() -> None:
+        answers.append(list(stream_frames(store, plan, metrics, segments=segments_)))
+
+    first = threading.Thread(target=answer)
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=answer)
+    second.start()
+    # Release the first read once the second answer waits: for the first one's frame (in SingleFlight.do), or, were
+    # the compression not shared, in a store read of its own.
+    deadline = time.monotonic() + 10
+    while not _waiting_in(second, {"result", "get"}) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert len(answers) == 2 and answers[0] == answers[1]
+    assert metrics.value("chunksync_segment_frames_total", outcome="computed") == 1
+    assert metrics.value("chunksync_segment_frames_total", outcome="cached") == 1
+
+
+def _waiting_in(thread, functions: set[str]) -> bool:
+    """Whether `thread` is blocked inside a function of these names (its innermost frames of project or futures code)."""
+    import sys
+
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name in functions and ("futures" in frame.f_code.co_filename
+                                                   or "test_segments" in frame.f_code.co_filename):
+            return True
+        frame = frame.f_back
+    return False
