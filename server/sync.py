@@ -15,6 +15,7 @@ from chunkstore.wire import batch_chunks, encode_chunks, encode_end, encode_erro
 
 from .errors import as_api_error
 from .framecache import FrameCache, frame_key
+from .memory import give_back
 from .metrics import Metrics
 from .segments import Piece
 from .singleflight import SingleFlight
@@ -108,6 +109,7 @@ def stream_frames(store: LocalStore, plan: Plan, metrics: Metrics, *, header: by
         yield encode_error(error.code, error.message)
         return
     finally:
+        give_back()  # the answer's buffers and contexts are freed: do not keep them resident until the next one
         metrics.inc("chunksync_chunks_sent_total", counts["chunks"])
         metrics.inc("chunksync_chunk_bytes_sent_total", counts["bytes"])
         metrics.inc("chunksync_delta_items_sent_total", counts["delta_items"])
