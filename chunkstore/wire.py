@@ -98,6 +98,11 @@ class ChunksRequest:
                               "manifest_digest": self.manifest_digest, "ids": self.ids}, use_bin_type=True)
 
 
+def spell_versions(versions: tuple[int, ...]) -> str:
+    """A list of protocol versions as people (and the refusal message older devices parse) read it: "1, 2, 3"."""
+    return ", ".join(map(str, versions))
+
+
 def _load_map(body: bytes, what: str, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> dict:
     if len(body) > MAX_REQUEST_BYTES:
         raise LimitExceeded(f"{what} of {len(body)} bytes exceeds the limit of {MAX_REQUEST_BYTES}")
@@ -117,7 +122,7 @@ def _load_map(body: bytes, what: str, versions: tuple[int, ...] = SUPPORTED_VERS
         speaks = tuple(sorted(versions))
         # The words stay those of older servers: devices that predate UnsupportedVersion's list parse them.
         raise UnsupportedVersion(f"{what}: protocol version {str(obj.get('v'))[:20]} is not supported "
-                                 f"(this server speaks {', '.join(map(str, speaks))})", speaks)
+                                 f"(this server speaks {spell_versions(speaks)})", speaks)
     return obj
 
 

@@ -31,6 +31,7 @@ from chunkstore.wire import (
     SyncRequest,
     decode_chunks,
     decode_delta,
+    spell_versions,
 )
 from client.registry import Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError, Unauthorized
 
@@ -116,10 +117,6 @@ def registry_url(host: str, plain_http: bool) -> str:
     if host == "docker.io":
         host = "registry-1.docker.io"
     return f"{'http' if plain_http or is_loopback_host(host) else 'https'}://{host}"
-
-
-def _spell(versions: tuple[int, ...]) -> str:
-    return ", ".join(map(str, versions))
 
 
 class _Discard:
@@ -278,12 +275,12 @@ class Pull:
                 fix = "install GNU gzip on the device (version 6 needs it)"
             else:
                 fix = f"update chunksync on the {'device' if min(refused.versions) > max(self._versions) else 'server'}"
-            raise ServerError(f"{refused}; this device speaks protocol versions {_spell(self._versions)}, none of "
-                              f"them the server's, so no diff pull is possible: {fix}",
+            raise ServerError(f"{refused}; this device speaks protocol versions {spell_versions(self._versions)}, "
+                              f"none of them the server's, so no diff pull is possible: {fix}",
                               refused.status, refused.code, refused.versions)
         if max(common) == asked:
             raise refused  # it refused a version it says it speaks: asking again would get the same answer
-        self.warn(f"the server does not speak protocol version {asked} (it speaks {_spell(refused.versions)}); "
+        self.warn(f"the server does not speak protocol version {asked} (it speaks {spell_versions(refused.versions)}); "
                   f"asking again with the {what} at version {max(common)}, the highest both speak")
         return max(common)
 

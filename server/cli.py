@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--protocol-versions", type=_versions, default=wire.SUPPORTED_VERSIONS, metavar="LIST",
                        help="speak only these protocol versions, e.g. 1-5 to send no version-6 answers; a device "
                             "asking for another is told the list and asks again (default: all, "
-                            f"{_spell(wire.SUPPORTED_VERSIONS)})")
+                            f"{wire.spell_versions(wire.SUPPORTED_VERSIONS)})")
     serve.set_defaults(func=run_serve)
 
     index = subparsers.add_parser("index", help="index an image now and push its chunk index to the registry",
@@ -69,10 +69,6 @@ def _fail(command: str, message: str, code: int = 1) -> int:
     return code
 
 
-def _spell(versions: tuple[int, ...]) -> str:
-    return ", ".join(map(str, versions))
-
-
 def _versions(text: str) -> tuple[int, ...]:
     """`1-5`, `4,6` or `2-4,6`: the protocol versions `--protocol-versions` names, each one this server knows."""
     found: set[int] = set()
@@ -84,7 +80,7 @@ def _versions(text: str) -> tuple[int, ...]:
         found.update(range(int(low), int(high) + 1))
     if not found <= set(wire.SUPPORTED_VERSIONS):
         raise argparse.ArgumentTypeError(f"{text!r}: this server knows protocol versions "
-                                         f"{_spell(wire.SUPPORTED_VERSIONS)} only")
+                                         f"{wire.spell_versions(wire.SUPPORTED_VERSIONS)} only")
     return tuple(sorted(found))
 
 

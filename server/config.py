@@ -43,5 +43,5 @@ class ServerConfig:
             raise ValueError(f"chunks_frame_bytes is over the protocol's {wire.MAX_CHUNKS_FRAME_BYTES}")
         unknown = set(self.protocol_versions) - set(wire.SUPPORTED_VERSIONS)
         if not self.protocol_versions or unknown:
-            raise ValueError(f"protocol versions must be some of {', '.join(map(str, wire.SUPPORTED_VERSIONS))}, "
-                             f"got {', '.join(map(str, self.protocol_versions)) or 'none'}")
+            raise ValueError(f"protocol versions must be some of {wire.spell_versions(wire.SUPPORTED_VERSIONS)}, "
+                             f"got {wire.spell_versions(self.protocol_versions) or 'none'}")
