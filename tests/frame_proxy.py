@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import msgpack
@@ -18,6 +18,7 @@ import zstandard
 
 from chunkstore.wire import FRAME_CHUNKS, ProtocolError, decode_chunks
 from client.server_api import ResponseReader
+from helpers import serve_http
 
 _PREFIX = struct.Struct(">BBI")
 
@@ -60,23 +61,7 @@ class FrameProxy:
         self.forwarded_first_chunks = threading.Event()
         self._release = threading.Event()
         self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                proxy._handle(self)
-
-            def do_GET(self) -> None:
-                proxy._handle(self)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server, self.url = serve_http(self._handle)
 
     def release(self) -> None:
         self._release.set()

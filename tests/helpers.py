@@ -8,9 +8,11 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,6 +20,26 @@ import httpx
 from chunkstore.oci import OCI_INDEX, sha256_digest, validate_digest
 from client.registry import RegistryClient
 from client.sandbox import free_port  # noqa: F401 - tests import it from here too
+
+
+def serve_http(handle: Callable[[BaseHTTPRequestHandler], None]) -> tuple[ThreadingHTTPServer, str]:
+    """A loopback HTTP server in a daemon thread that passes every GET and POST to `handle`, and its URL; stop it
+    with `shutdown()` and `server_close()`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            handle(self)
+
+        def do_GET(self) -> None:  # noqa: N802
+            handle(self)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 

@@ -9,8 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from chunkstore.wire import ChunksRequest, SyncRequest
 from client.deltas import protocol_version
 from client.sandbox import Process
 from frame_proxy import CORRUPT_RAW, FrameProxy
-from helpers import Registry, free_port
+from helpers import Registry, free_port, serve_http
 from pull_tools import pull, pull_env, push_pair
 from server_process import CHUNKSYNC, ServerProcess, assert_error, post
 
@@ -45,22 +44,7 @@ class RecordingProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.seen: list[tuple[str, object, int]] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                proxy._forward(self)
-
-            def do_GET(self) -> None:
-                proxy._forward(self)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server, self.url = serve_http(self._forward)
 
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
