@@ -47,18 +47,17 @@ def pieces(ordered: Iterable[tuple[bytes, int]], wanted: Iterable[bytes], held: 
     out: list[Piece] = []
     loose: list[bytes] = []
     for segment in segments(ordered, max_bytes):
-        want = [cid for cid, _ in segment if cid in wanted]
+        want = [(cid, length) for cid, length in segment if cid in wanted]
         if not want:
             continue
         total = sum(length for _, length in segment)
-        lacked = sum(length for cid, length in segment if cid in wanted)
-        if lacked >= WHOLE_SHARE * total and not any(cid in held for cid, _ in segment):
+        if sum(length for _, length in want) >= WHOLE_SHARE * total and not any(cid in held for cid, _ in segment):
             if loose:
                 out.append(Piece(loose, False))
                 loose = []
             out.append(Piece([cid for cid, _ in segment], True, total))
         else:
-            loose += want
+            loose += [cid for cid, _ in want]
     if loose:
         out.append(Piece(loose, False))
     return out
