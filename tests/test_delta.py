@@ -19,7 +19,7 @@ from chunkstore.indexdelta import decode_index_delta, encode_index_delta, flat
 from chunkstore.store import LocalStore
 from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup
 from client.deltas import DeltaApplier
-from server.deltas import Planner, target_ids
+from server.deltas import Planner, header_members, run_paths, run_ranges, target_ids
 from tarkit import LONG_DIR, gnu_tar, make_tree, touched_copy
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -214,6 +214,32 @@ def test_planner_bases_each_changed_file_on_its_old_version(tars: dict[str, Laye
     content = sum(len(item.data) for item in items if item.kind == DELTA_CONTENT)
     plain = sum(len(chunks[cid]) for cid in missing)
     assert content < plain / 20, (content, plain)
+
+
+def test_an_edit_in_a_big_file_is_based_on_the_old_chunks_around_it_not_the_whole_file(
+        tars: dict[str, Layer], tmp_path: Path) -> None:
+    old, new = tars["old"], tars["edited"]
+    chunks = {**old.chunks, **new.chunks}
+    old_image, new_image = image(old, "sha256:" + "a" * 64), image(new, "sha256:" + "b" * 64)
+    planner = Planner(new_image, old_image, chunks.__getitem__)
+    topics = "pydoc_data/topics.py"
+    paths = run_paths(old.index, header_members(old.index, old.header))
+    old_run = next(run for run, path in paths.items() if path.endswith(topics))
+    first, end = run_ranges(old.index)[old_run]
+    items = [item for item in planner.items() if item.kind == DELTA_CONTENT and first <= item.base_first < end]
+    assert len(items) == 1  # the one edit in its middle
+    item = items[0]
+    assert end - first > 3 and item.base_count < (end - first) / 2, (item, end - first)
+    assert first <= item.base_first and item.base_first + item.base_count <= end
+    assert sum(old.index.chunks.lengths[item.base_first:item.base_first + item.base_count]) < 2 * sum(
+        new.index.chunks.lengths[item.first:item.first + item.count])
+
+    store = LocalStore(tmp_path / "device")
+    store.put_many(old.chunks.items())
+    store.put_image("test/app", old_image.manifest_digest, old_image.encode(), complete=True)
+    applier = DeltaApplier(store, [("test/app", old_image.manifest_digest)])
+    assert applier.apply(("test/app", old_image.manifest_digest), item, new_image) == \
+        [(cid, chunks[cid]) for cid in target_ids(new_image, item)]
 
 
 def test_grouped_items_deliver_the_same_chunks_in_fewer_bytes_and_the_device_rebuilds_them(
