@@ -16,9 +16,11 @@ from .delta import MAX_DELTA_BYTES  # noqa: F401 - part of the wire format: targ
 from .gzdelta import GNU_GZIP, GzipError, GzipShape, decode_shape
 from .index import ID_SIZE
 
-PROTOCOL_VERSION = 6         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items,
-                             # 4 the index delta's runs layout, 5 gzip items (zlib), 6 gzip items by GNU gzip too
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)  # an answer never holds what the request's version does not know
+PROTOCOL_VERSION = 7         # what this side speaks; 2 added deltas (DELTA frames, index_delta), 3 group items,
+                             # 4 the index delta's runs layout, 5 gzip items (zlib), 6 gzip items by GNU gzip too,
+                             # 7 index deltas that leave out the ids of the chunks the answer's items rebuild
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # an answer never holds what the request's version does not know
+PLACEHOLDER_VERSION = 7      # index deltas with placeholder ids (chunkstore/indexdelta.py), chunks requests naming them
 SYNC_MEDIA_TYPE = "application/vnd.chunksync.sync.v1+msgpack"
 CHUNKS_MEDIA_TYPE = "application/vnd.chunksync.chunks.v1+msgpack"
 FRAMES_MEDIA_TYPE = "application/vnd.chunksync.frames.v1"
@@ -276,6 +278,16 @@ class DeltaGzip:
 
 
 AnyDeltaItem = DeltaItem | DeltaGroup | DeltaGzip
+Span = tuple[int, bool, int, int]  # (layer, header chunks?, first, count): chunks of the target image an item rebuilds
+
+
+def item_spans(item: AnyDeltaItem) -> list[Span]:
+    """The chunks of the target image an item rebuilds, in the order its bytes decode."""
+    if isinstance(item, (DeltaGroup, DeltaGzip)):
+        return [(layer, False, first, count) for layer, first, count in item.targets]
+    if item.kind == DELTA_HEADERS:
+        return [(item.layer, True, 0, item.count)]
+    return [(item.layer, False, item.first, item.count)]
 
 
 def encode_delta(base: tuple[str, str], items: list[AnyDeltaItem]) -> bytes:

@@ -7,14 +7,16 @@ import msgpack
 from chunkstore.delta import DeltaError, zstd_decode
 from chunkstore.gzdelta import GzipError, gnu_gzip, gunzip, rebuild
 from chunkstore.headerdelta import decode_headers
-from chunkstore.index import ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
-from chunkstore.indexdelta import decode_index_delta
+from chunkstore.index import ID_SIZE, ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
+from chunkstore.indexdelta import CHECK_BYTES, decode_index_delta, is_placeholder, placeholder
 from chunkstore.store import CorruptChunk, LocalStore
-from chunkstore.wire import DELTA_HEADERS, MAX_DELTA_BYTES, PROTOCOL_VERSION, AnyDeltaItem, DeltaGroup, DeltaGzip, Range
+from chunkstore.wire import (DELTA_HEADERS, MAX_DELTA_BYTES, PROTOCOL_VERSION, AnyDeltaItem, DeltaGroup, DeltaGzip, Range,
+                             item_spans)
 
 
 def protocol_version() -> int:
-    """The version this device asks for: 6 takes gzip items that GNU gzip compresses again, so only with GNU gzip."""
+    """The version this device asks for: 6 and later take gzip items that GNU gzip compresses again, so only with
+    GNU gzip."""
     return PROTOCOL_VERSION if gnu_gzip() else 5
 
 
@@ -27,6 +29,7 @@ class DeltaApplier:
         self.store = store
         self.named = set(named)  # the have_images this device sent: the only bases it accepts
         self._bases: dict[tuple[str, str], ImageIndex] = {}
+        self.filled: set[bytes] = set()  # ids that replaced placeholders of the new index
 
     def base(self, ref: tuple[str, str]) -> ImageIndex:
         """The index of a base image the device named and holds completely."""
@@ -47,7 +50,34 @@ class DeltaApplier:
         return decode_index_delta(delta, self.base(ref))
 
     def apply(self, ref: tuple[str, str], item: AnyDeltaItem, new: ImageIndex) -> list[tuple[bytes, bytes]]:
-        """The verified (chunk id, bytes) pairs an item delivers; DeltaError if it is refused or does not decode."""
+        """The verified (chunk id, bytes) pairs an item delivers; DeltaError if it is refused or does not decode.
+        Placeholders (version 7) of the chunks it rebuilds are replaced in `new` by their ids."""
+        pairs = self._decode(ref, item, new)
+        at = iter(pairs)
+        for layer, headers, first, count in item_spans(item):
+            chunks = new.layers[layer].header_chunks if headers else new.layers[layer].chunks
+            for i in range(first, first + count):
+                cid, _ = next(at)
+                if is_placeholder(chunks.id_at(i)):
+                    chunks.ids[i * ID_SIZE:(i + 1) * ID_SIZE] = cid
+                    self.filled.add(cid)
+        return pairs
+
+    def fill(self, new: ImageIndex, chunks: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        """Puts `chunks` (id, length) in place of the placeholders of `new` they match; the ones put in."""
+        wanted = {placeholder(cid): (cid, length) for cid, length in chunks}
+        put: dict[bytes, int] = {}
+        for layer in new.layers if wanted else ():
+            for chunks_of in (layer.header_chunks, layer.chunks):
+                for i, (cid, length) in enumerate(chunks_of):
+                    found = wanted.get(cid)
+                    if found is not None and found[1] == length and is_placeholder(cid):
+                        chunks_of.ids[i * ID_SIZE:(i + 1) * ID_SIZE] = found[0]
+                        put[found[0]] = length
+        self.filled.update(put)
+        return list(put.items())
+
+    def _decode(self, ref: tuple[str, str], item: AnyDeltaItem, new: ImageIndex) -> list[tuple[bytes, bytes]]:
         base = self.base(ref)
         if isinstance(item, DeltaGroup):
             return self._group(item, base, new)
@@ -145,13 +175,15 @@ def _size(targets: list[tuple[bytes, int]]) -> int:
 
 
 def _cut(data: bytes | bytearray, targets: list[tuple[bytes, int]]) -> list[tuple[bytes, memoryview]]:
-    """The verified chunks of decoded bytes, as views into them (no copies)."""
+    """The verified chunks of decoded bytes, as views into them (no copies), with their ids: a placeholder's
+    chunk is verified against the bytes of its id the placeholder keeps."""
     out, offset, view = [], 0, memoryview(data)
     for cid, length in targets:
         piece = view[offset:offset + length]
         offset += length
-        if chunk_id(piece) != cid:
+        found = chunk_id(piece)
+        if found != cid and not (is_placeholder(cid) and found[:CHECK_BYTES] == cid[:CHECK_BYTES]):
             raise DeltaError(f"a delta decoded to bytes that do not hash to chunk {cid.hex()[:16]}…")
-        out.append((cid, piece))
+        out.append((found, piece))
     return out
 

@@ -17,6 +17,7 @@ from chunkstore.oci import DigestMismatch, ImageRef, is_loopback_host
 from chunkstore.reassemble import ReassemblyError, reassemble_to_file, write_layer
 from chunkstore.store import CorruptChunk, LocalStore
 from chunkstore.delta import DeltaError
+from chunkstore.indexdelta import is_placeholder
 from chunkstore.wire import (
     FRAME_CHUNKS,
     FRAME_DELTA,
@@ -24,6 +25,7 @@ from chunkstore.wire import (
     FRAME_ERROR,
     FRAME_HEADER,
     MAX_REPAIR_IDS,
+    PLACEHOLDER_VERSION,
     SUPPORTED_VERSIONS,
     ChunksRequest,
     Frame,
@@ -342,7 +344,7 @@ class Pull:
                 self.warn(f"a delta item was refused or damaged ({exc}); its chunks will be asked for again")
                 continue
             self.report.delta_items += 1
-            good += [(cid, data) for cid, data in pairs if cid in wanted]
+            good += [(cid, data) for cid, data in pairs if cid in wanted or cid in self.deltas.filled]
         return good
 
     def _receive(self, frames, index: ImageIndex, repair: bool = False) -> bool:
@@ -369,6 +371,9 @@ class Pull:
                 self.report.chunks_rejected += len(ids) // ID_SIZE if isinstance(ids, bytes) else 0
                 self.warn(f"a CHUNKS frame was damaged ({exc}); its chunks will be asked for again")
                 continue
+            if repair:  # asked for by placeholder: the chunk's id takes the placeholder's place in the index
+                for cid, length in self.deltas.fill(index, [(cid, len(data)) for cid, data in pairs]):
+                    wanted[cid] = length
             good = [(cid, data) for cid, data in pairs if wanted.get(cid) == len(data) and chunk_id(data) == cid]
             if len(good) < len(pairs):
                 self.report.chunks_rejected += len(pairs) - len(good)
@@ -393,14 +398,17 @@ class Pull:
 
     def _repair(self, index: ImageIndex) -> None:
         """The second round trip, only when chunks are still missing (Bloom false positives, damage, a cut)."""
-        missing = self._missing(index)
+        missing = self._missing(index)  # with placeholders no item filled (version 7): the server knows their ids
         if not missing:
             return
         self.report.path = "repair"
         try:
             for start in range(0, len(missing), MAX_REPAIR_IDS):
                 ids = b"".join(missing[start:start + MAX_REPAIR_IDS])
-                request = ChunksRequest(self.ref.repository, index.manifest_digest, ids)
+                # Version 1 (any server takes it) unless it names placeholders, which only a version-7 server sent.
+                named = any(is_placeholder(cid) for cid in missing[start:start + MAX_REPAIR_IDS])
+                request = ChunksRequest(self.ref.repository, index.manifest_digest, ids,
+                                        PLACEHOLDER_VERSION if named else 1)
                 with self._negotiated(self.api.chunks, request, "repair request") as frames:
                     if not self._receive(frames, index, repair=True):
                         self.warn("the server's repair answer ended early")

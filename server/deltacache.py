@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +18,13 @@ from .cachedb import CacheDB
 _SCHEMA = """
 DROP TABLE IF EXISTS pairs;                 -- the layout before version 3 (a cache: recomputed on demand)
 DROP TABLE IF EXISTS items;
-CREATE TABLE IF NOT EXISTS delta_pairs (
+DROP TABLE IF EXISTS delta_pairs;           -- the layout before version 7
+CREATE TABLE IF NOT EXISTS pair_deltas (
     old TEXT NOT NULL, new TEXT NOT NULL,   -- manifest digests
     version INTEGER NOT NULL,               -- the protocol version the items are encoded for (2: no group items)
-    index_delta BLOB NOT NULL,              -- msgpack {size, data} (chunkstore/indexdelta.py)
+    index_delta BLOB NOT NULL,              -- msgpack {size, data} (chunkstore/indexdelta.py); version 7: empty
+                                            -- until a device needs it (one that does not get every item)
+    implied_index_delta BLOB NOT NULL,      -- version 7: the same with the items' chunks as placeholders; else empty
     items INTEGER NOT NULL, bytes INTEGER NOT NULL, seconds REAL NOT NULL, added REAL NOT NULL,
     PRIMARY KEY (old, new, version)
 );
@@ -38,13 +41,14 @@ _BATCH_BYTES = 8 << 20
 @dataclass(frozen=True)
 class CachedPair:
     index_delta: bytes
+    implied_index_delta: bytes  # for a device that gets every item (version 7; else b"")
     items: int
     bytes: int
     seconds: float
 
 
 class DeltaCache:
-    """A pair's row in `delta_pairs` is written last, in the transaction of its last items: a pair is there whole
+    """A pair's row in `pair_deltas` is written last, in the transaction of its last items: a pair is there whole
     or not at all, and items left by a process killed mid-way are replaced on the next computation."""
 
     def __init__(self, directory: Path) -> None:
@@ -55,7 +59,7 @@ class DeltaCache:
         return self._file.connection()
 
     def get(self, old: str, new: str, version: int) -> CachedPair | None:
-        row = self._db().execute("SELECT index_delta, items, bytes, seconds FROM delta_pairs WHERE old = ? AND new = ? "
+        row = self._db().execute("SELECT index_delta, implied_index_delta, items, bytes, seconds FROM pair_deltas WHERE old = ? AND new = ? "
                                  "AND version = ?", (old, new, version)).fetchone()
         return CachedPair(*row) if row else None
 
@@ -75,9 +79,10 @@ class DeltaCache:
                 raise KeyError(f"delta item {seq} of {old} -> {new} is gone from the cache")
             yield _item(*row, version)
 
-    def put(self, old: str, new: str, version: int, index_delta: bytes, items: Iterable[AnyDeltaItem],
-            started: float) -> CachedPair:
-        """Stores a pair's items as they are computed (batched), then the pair itself."""
+    def put(self, old: str, new: str, version: int, items: Iterable[AnyDeltaItem],
+            index_deltas: Callable[[], tuple[bytes, bytes]], started: float) -> CachedPair:
+        """Stores a pair's items as they are computed (batched), then the pair itself with its index deltas (asked
+        for once the items are done: the implied one names what they rebuild)."""
         db = self._db()
         db.execute("DELETE FROM delta_items WHERE old = ? AND new = ? AND version = ?", (old, new, version))
         batch: list[tuple] = []
@@ -91,9 +96,15 @@ class DeltaCache:
             if pending >= _BATCH_BYTES:
                 self._insert(db, batch)
                 batch, pending = [], 0
+        index_delta, implied = index_deltas()
         seconds = time.monotonic() - started
-        self._insert(db, batch, (old, new, version, index_delta, count, total, seconds, time.time()))
-        return CachedPair(index_delta, count, total, seconds)
+        self._insert(db, batch, (old, new, version, index_delta, implied, count, total, seconds, time.time()))
+        return CachedPair(index_delta, implied, count, total, seconds)
+
+    def set_index_delta(self, old: str, new: str, version: int, index_delta: bytes) -> None:
+        """The pair's index delta with every id, computed later than its items (version 7)."""
+        self._db().execute("UPDATE pair_deltas SET index_delta = ? WHERE old = ? AND new = ? AND version = ?",
+                           (index_delta, old, new, version))
 
     @staticmethod
     def _insert(db: sqlite3.Connection, rows: list[tuple], pair: tuple | None = None) -> None:
@@ -101,7 +112,7 @@ class DeltaCache:
         try:
             db.executemany("INSERT OR REPLACE INTO delta_items VALUES (?, ?, ?, ?, ?, ?)", rows)
             if pair is not None:
-                db.execute("INSERT OR REPLACE INTO delta_pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", pair)
+                db.execute("INSERT OR REPLACE INTO pair_deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", pair)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

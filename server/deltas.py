@@ -14,19 +14,16 @@ from chunkstore.headerdelta import encode_headers
 from chunkstore.headerlayout import Members, members
 from chunkstore.index import ImageIndex, LayerIndex
 from chunkstore.wire import (DELTA_CONTENT, DELTA_GZIP, DELTA_HEADERS, AnyDeltaItem, DeltaGroup, DeltaGzip, DeltaItem,
-                             Range)
+                             Range, item_spans)
 
 GetChunk = Callable[[bytes], bytes]
 Base = tuple[int, int, int]  # old layer, first chunk, chunk count
-# zstd levels, measured on the bench pairs: 10 for content (python: 5.12 MB in 1.1 s CPU; 9: 5.70 MB, 12: 4.98 MB
-# in 2.4 s, 19: 4.34 MB in 19 s), 19 where the target is small enough for it to cost little (node -8%, debian -6%).
+# zstd level of content items, measured on the bench pairs: 10 (python: 5.12 MB in 1.1 s CPU; 9: 5.70 MB, 12: 4.98 MB
+# in 2.4 s, 19: 4.34 MB in 19 s). Targets up to 256 KiB had level 19 when a level-3 probe said it would pay: node
+# 47.5 kB of items against 51.1 at level 10, but 0.28 s CPU against 0.19 in-process, debian 0.87 s against 0.62,
+# python +3.4 kB for -0.5 s. Version 7's placeholders save more bytes than that (node: 4.5 kB), so the CPU went.
+# (Group items: GROUP_LEVEL.)
 CONTENT_LEVEL = 10
-SMALL_LEVEL, SMALL_TARGET = 19, 256 << 10
-# Level 19 costs the same per target byte whatever it saves, and saves little where the target is nearly all copies
-# of its base: a level-3 probe that comes out under PROBE_RATIO of the target means the smaller of it and level 9.
-# Measured on the bench pairs' small single targets (bytes / CPU against 19 for all): node +0.5 kB / -0.11 s, debian
-# +0.8 kB / -0.12 s, python +4.6 kB / -0.61 s. (Group items: GROUP_LEVEL.)
-PROBE_LEVEL, PROBE_RATIO, QUICK_LEVEL = 3, 0.03, 9
 HEADER_LEVEL = 9
 # Gzip items' texts differ by a few lines: level 9 does it (debian pair: 7.2 kB in 0.07 s; 19: 6.8 kB in 0.77 s).
 GZIP_LEVEL = 9
@@ -338,13 +335,8 @@ def _part_of(old_layer: LayerIndex, whole: Base, ids: list[bytes], first: int, e
 
 
 def encode_content(goal: bytes, base: bytes) -> bytes:
-    """`goal` as a zstd frame against `base`, at the level that pays (see PROBE_RATIO)."""
-    if len(goal) > SMALL_TARGET:
-        return zstd_encode(goal, base, CONTENT_LEVEL)
-    probe = zstd_encode(goal, base, PROBE_LEVEL)
-    if len(probe) >= PROBE_RATIO * len(goal):
-        return zstd_encode(goal, base, SMALL_LEVEL)
-    return min(probe, zstd_encode(goal, base, QUICK_LEVEL), key=len)
+    """`goal` as a zstd frame against `base`."""
+    return zstd_encode(goal, base, CONTENT_LEVEL)
 
 
 def _ids(layer: LayerIndex, first: int, count: int) -> list[bytes]:
@@ -362,9 +354,8 @@ def gzip_engines(version: int) -> tuple[int, ...]:
 
 def target_ids(new: ImageIndex, item: AnyDeltaItem) -> list[bytes]:
     """The chunk ids an item delivers."""
-    if isinstance(item, (DeltaGroup, DeltaGzip)):
-        return [cid for layer, first, count in item.targets for cid in _ids(new.layers[layer], first, count)]
-    layer = new.layers[item.layer]
-    if item.kind == DELTA_HEADERS:
-        return [cid for cid, _ in layer.header_chunks]
-    return _ids(layer, item.first, item.count)
+    ids = []
+    for layer, headers, first, count in item_spans(item):
+        chunks = new.layers[layer].header_chunks if headers else new.layers[layer].chunks
+        ids += [chunks.id_at(i) for i in range(first, first + count)]
+    return ids

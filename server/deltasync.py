@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import msgpack
 
-from chunkstore.indexdelta import encode_index_delta
+from chunkstore.index import ImageIndex
+from chunkstore.indexdelta import encode_index_delta, with_placeholders
 from chunkstore.store import LocalStore
-from chunkstore.wire import AnyDeltaItem, encode_delta
+from chunkstore.wire import PLACEHOLDER_VERSION, AnyDeltaItem, Span, encode_delta, item_spans
 
 from .deltacache import CachedPair, DeltaCache
 from .deltas import Planner, gzip_engines, target_ids
@@ -55,10 +56,22 @@ class DeltaSource:
         # Both images' chunks must be at hand: the store is a cache, refill it from the registry if wiped.
         self.indexer.ensure_chunks(base, [cid for cid, _ in base.ordered_chunks()])
         self.indexer.ensure_chunks(image, [cid for cid, _ in image.ordered_chunks()])
-        index_delta = msgpack.packb(encode_index_delta(image.index, base.index, runs=version >= 4), use_bin_type=True)
         planner = Planner(image.index, base.index, self.store.get, gzip_engines(version))
-        pair = self.cache.put(base.manifest_digest, image.manifest_digest, version, index_delta,
-                              planner.items(grouped=version >= 3), started)
+        spans: list[Span] = []
+
+        def items() -> Iterator[AnyDeltaItem]:
+            for item in planner.items(grouped=version >= 3):
+                spans.extend(item_spans(item))
+                yield item
+
+        def index_deltas() -> tuple[bytes, bytes]:
+            # Version 7: nearly every device gets every item, so the index delta with every id waits until one
+            # does not (_full_index_delta).
+            if version >= PLACEHOLDER_VERSION and spans:
+                return b"", _index_delta(with_placeholders(image.index, spans), base.index, version)
+            return _index_delta(image.index, base.index, version), b""
+
+        pair = self.cache.put(base.manifest_digest, image.manifest_digest, version, items(), index_deltas, started)
         self.metrics.inc("chunksync_delta_pairs_total", outcome="computed")
         self.metrics.observe("chunksync_delta_compute_seconds", pair.seconds)
         log.info("deltas %s -> %s: %d items, %.3f MB in %.2f s", base.manifest_digest[:19],
@@ -76,7 +89,19 @@ class DeltaSource:
             if wanted_set.intersection(ids):
                 seqs.append(seq)
                 covered.update(ids)
-        return DeltaAnswer(base, version, pair.index_delta, covered & wanted_set, seqs)
+        # Version 7: a device that gets every item rebuilds every chunk they name, so needs only a check of its id.
+        if pair.implied_index_delta and len(seqs) == pair.items:
+            index_delta = pair.implied_index_delta
+        else:
+            index_delta = pair.index_delta or self._full_index_delta(base, image, version)
+        return DeltaAnswer(base, version, index_delta, covered & wanted_set, seqs)
+
+    def _full_index_delta(self, base: IndexedImage, image: IndexedImage, version: int) -> bytes:
+        """The index delta with every id, computed at the first device that needs it and cached (deterministic:
+        two devices at once compute the same bytes)."""
+        data = _index_delta(image.index, base.index, version)
+        self.cache.set_index_delta(base.manifest_digest, image.manifest_digest, version, data)
+        return data
 
     def frames(self, answer: DeltaAnswer, image: IndexedImage, counts: dict[str, int]) -> Iterator[bytes]:
         """DELTA frames of about FRAME_DATA_BYTES each, read from the cache one item at a time."""
@@ -93,3 +118,7 @@ class DeltaSource:
             counts["delta_bytes"] += len(item.data)
         if batch:
             yield encode_delta(base_ref, batch)
+
+
+def _index_delta(new: ImageIndex, old: ImageIndex, version: int) -> bytes:
+    return msgpack.packb(encode_index_delta(new, old, runs=version >= 4), use_bin_type=True)

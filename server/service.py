@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import msgpack
 
 from chunkstore.index import ID_SIZE
+from chunkstore.indexdelta import CHECK_BYTES, is_placeholder
 from chunkstore.oci import IMAGE_MANIFEST_TYPES
 from chunkstore.store import LocalStore
-from chunkstore.wire import MAX_DELTA_BYTES, ChunksRequest, SyncRequest, encode_header
+from chunkstore.wire import MAX_DELTA_BYTES, PLACEHOLDER_VERSION, ChunksRequest, SyncRequest, encode_header
 from client.registry import Manifest, Platform, RegistryClient
 
 from .access import AccessChecker
@@ -108,6 +109,8 @@ class Service:
         """The repair round: exactly the asked ids, which must all be chunks of the named image."""
         image = self._image(request.repository, request.manifest_digest, authorization)
         asked = {request.ids[i:i + ID_SIZE] for i in range(0, len(request.ids), ID_SIZE)}
+        if request.version >= PLACEHOLDER_VERSION:
+            asked = _expand_placeholders(asked, image.ids)
         foreign = len(asked - image.ids)
         if foreign:
             raise BadRequest(f"{foreign} of the {len(asked)} ids asked for are not chunks of "
@@ -176,3 +179,13 @@ def _platform_of(image: IndexedImage, asked: str) -> str:
         return str(Platform(config["os"], config["architecture"], config.get("variant") or None))
     except (ValueError, KeyError, TypeError):
         return asked
+
+
+def _expand_placeholders(asked: set[bytes], ids: set[bytes]) -> set[bytes]:
+    """`asked` with each placeholder (version 7: a chunk a DELTA item should have rebuilt) replaced by the image's
+    chunks it may stand for (one, but for a 2**-32 chance per chunk; the device tells them apart)."""
+    holders = {cid for cid in asked if is_placeholder(cid)}
+    if not holders:
+        return asked
+    checks = {cid[:CHECK_BYTES] for cid in holders}
+    return (asked - holders) | {cid for cid in ids if cid[:CHECK_BYTES] in checks}

@@ -15,9 +15,9 @@ from chunkstore.varint import varints
 from chunkstore.delta import DeltaError, PathMatcher, header_entries, normalised, zstd_decode, zstd_encode
 from chunkstore.headerdelta import decode_headers, encode_headers
 from chunkstore.index import ImageIndex, IndexFormatError, LayerIndex, chunk_id, index_layer
-from chunkstore.indexdelta import decode_index_delta, encode_index_delta, flat
+from chunkstore.indexdelta import decode_index_delta, encode_index_delta, flat, is_placeholder, with_placeholders
 from chunkstore.store import LocalStore
-from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup
+from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup, item_spans
 from client.deltas import DeltaApplier
 from server.deltas import Planner, header_members, run_paths, run_ranges, target_ids
 from tarkit import LONG_DIR, gnu_tar, make_tree, touched_copy
@@ -269,6 +269,37 @@ def test_grouped_items_deliver_the_same_chunks_in_fewer_bytes_and_the_device_reb
     for bad in (damaged, outside, too_big):
         with pytest.raises(DeltaError):
             applier.apply(("test/app", old_image.manifest_digest), bad, new_image)
+
+
+def test_placeholders_are_filled_with_the_ids_of_what_items_rebuild_and_a_wrong_check_refuses_the_item(
+        tars: dict[str, Layer], tmp_path: Path) -> None:
+    old, new = tars["old"], tars["edited"]
+    chunks = {**old.chunks, **new.chunks}
+    old_image, new_image = image(old, "sha256:" + "a" * 64), image(new, "sha256:" + "b" * 64)
+    items = list(Planner(new_image, old_image, chunks.__getitem__).items(grouped=True))
+    spans = [span for item in items for span in item_spans(item)]
+    rebuilt = sum(count for _, _, _, count in spans)
+    delta = encode_index_delta(with_placeholders(new_image, spans), old_image, runs=True)
+    assert len(delta["data"]) < len(encode_index_delta(new_image, old_image, runs=True)["data"]) - 20 * rebuilt
+
+    store = LocalStore(tmp_path / "device")
+    store.put_many(old.chunks.items())
+    store.put_image("test/app", old_image.manifest_digest, old_image.encode(), complete=True)
+    ref = ("test/app", old_image.manifest_digest)
+    applier = DeltaApplier(store, [ref])
+    implied = decode_index_delta(delta, old_image)
+    assert implied.encode() != new_image.encode()
+    for item in items:
+        assert [cid for cid, _ in applier.apply(ref, item, implied)] == target_ids(new_image, item)
+    assert implied.encode() == new_image.encode()  # every placeholder filled with the id it stood for
+
+    wrong = decode_index_delta(delta, old_image)
+    layer, headers, first, _ = item_spans(items[-1])[0]
+    held = wrong.layers[layer].header_chunks if headers else wrong.layers[layer].chunks
+    assert is_placeholder(held.id_at(first))
+    held.ids[first * 32] ^= 1  # another chunk's check
+    with pytest.raises(DeltaError, match="do not hash"):
+        applier.apply(ref, items[-1], wrong)
 
 
 def test_runs_layout_sends_a_reordered_index_as_old_run_numbers(tars: dict[str, Layer]) -> None:

@@ -1,4 +1,4 @@
-"""Deltas end to end (protocol versions 2 and 3): the real registry, the real `chunksync serve` and `chunksync pull`
+"""Deltas end to end (protocol versions 2 to 7): the real registry, the real `chunksync serve` and `chunksync pull`
 processes; changed files arrive encoded against the device's own old files, the index against its old index,
 and every layer is verified as usual. Tampering on the way is done by a real proxy (tests/delta_proxy.py)."""
 from __future__ import annotations
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from chunkstore.index import decode_index
-from chunkstore.wire import FRAME_DELTA, DeltaGroup, SyncRequest, decode_delta, read_frames
+from chunkstore.bloom import BloomFilter
+from chunkstore.index import ImageIndex, decode_index
+from chunkstore.indexdelta import decode_index_delta, is_placeholder, placeholder
+from chunkstore.store import LocalStore
+from chunkstore.wire import FRAME_DELTA, DeltaGroup, SyncRequest, decode_delta, item_spans, read_frames
 from delta_proxy import CORRUPT_DELTA, CORRUPT_GROUP, REBASE_DELTA, DeltaProxy
 from helpers import Registry, build_image, push_image
 from pull_tools import ImagePair, pull, push_pair, skopeo_config_digest
@@ -129,6 +132,51 @@ def test_version_2_devices_get_the_same_chunks_without_group_items(pair: ImagePa
         delivered[version] = {cid for item in items for cid in target_ids(v2, item)} | plain
         assert delivered[version] == v2.chunk_ids() - v1.chunk_ids()
     assert delivered[2] == delivered[3] == delivered[4]
+
+
+def test_version_7_names_the_chunks_items_rebuild_by_placeholder_and_the_device_puts_in_their_ids(
+        pair: ImagePair, server: ServerProcess, v1_store: Path, tmp_path: Path) -> None:
+    v1, v2 = (decode_index(Answer(post(server.url, "/v1/sync", SyncRequest(REPO, pair.digests[tag]).encode()))
+                           .header["index"]) for tag in ("v1", "v2"))  # type: ignore[index]
+    held = [(REPO, pair.digests["v1"])]
+
+    def answer(version: int, bloom: BloomFilter | None = None) -> tuple[ImageIndex, list, int]:
+        """The index a device decodes from the answer's index delta, the answer's items, the delta's bytes."""
+        request = SyncRequest(REPO, pair.digests["v2"], have_images=held, bloom=bloom, version=version)
+        frames = list(read_frames(io.BytesIO(post(server.url, "/v1/sync", request.encode()).content)))
+        delta = frames[0].payload["index_delta"]
+        items = [item for f in frames if f.type == FRAME_DELTA for item in decode_delta(f.payload, version)[1]]
+        return decode_index_delta(delta, v1), items, len(delta["data"])
+
+    full, _, size6 = answer(6)
+    implied, items7, size7 = answer(7)
+    assert full.encode() == v2.encode()  # version 6: every id
+    rebuilt = {(layer, headers, i) for item in items7 for layer, headers, first, count in item_spans(item)
+               for i in range(first, first + count)}
+    placeholders = {(j, headers, i) for j, layer in enumerate(implied.layers)
+                    for headers, chunks in ((True, layer.header_chunks), (False, layer.chunks))
+                    for i in range(len(chunks)) if is_placeholder(chunks.id_at(i))}
+    assert rebuilt and placeholders == rebuilt
+    for j, headers, i in rebuilt:  # each keeps the first bytes of its id
+        real = (v2.layers[j].header_chunks if headers else v2.layers[j].chunks).id_at(i)
+        got = (implied.layers[j].header_chunks if headers else implied.layers[j].chunks).id_at(i)
+        assert got == placeholder(real)
+    print(f"\nindex delta: {size6} bytes at version 6, {size7} at version 7 ({len(rebuilt)} chunks rebuilt)")
+    assert size7 < size6 - 20 * len(rebuilt)
+
+    # A device whose Bloom filter claims one item's chunks does not get that item: it gets every id.
+    first_ids = target_ids(v2, items7[0])
+    partial, items, _ = answer(7, BloomFilter.build(first_ids))
+    assert len(items) < len(items7) and partial.encode() == v2.encode()
+
+    # The device: placeholders filled from what it rebuilt, the stored index is v2's own.
+    store = device(v1_store, tmp_path)
+    report = pull(pair.ref("v2"), server.url, store, "--out", f"oci:{tmp_path / 'out'}").report
+    assert report["path"] == "diff" and report["delta_items"] == len(items7) and report["delta_rejected"] == 0
+    assert report["index_delta_bytes"] < size6
+    record = LocalStore(store).get_image(REPO, pair.digests["v2"])
+    assert record is not None and record.complete and record.index_data == v2.encode()
+    layer_files_match_config(tmp_path / "out", "v2")
 
 
 def test_an_mtime_only_rebuild_sends_almost_nothing(registry: Registry, server: ServerProcess,

@@ -16,7 +16,7 @@ import httpx
 import msgpack
 import pytest
 
-from chunkstore.wire import ChunksRequest, SyncRequest
+from chunkstore.wire import PROTOCOL_VERSION, SUPPORTED_VERSIONS, ChunksRequest, SyncRequest
 from client.deltas import protocol_version
 from client.sandbox import Process
 from frame_proxy import CORRUPT_RAW, FrameProxy
@@ -32,6 +32,10 @@ OLD_SERVERS = {
     "d2b57c9ba9c4a1e0450ffd0db763bd1f3bc112e7": (1,),
     "25e6248a7b5e2e626407b85fb7cef2650d0362ce": (1, 2, 3, 4),
 }
+
+
+TOP = PROTOCOL_VERSION  # what a device with GNU gzip asks for
+ALL = list(SUPPORTED_VERSIONS)
 
 
 def spell(versions: tuple[int, ...] | list[int]) -> str:
@@ -105,8 +109,8 @@ class OldServer:
         self._child.stop()
 
 
-def needs_version_6() -> None:
-    assert protocol_version() == 6, "these tests need GNU gzip on the machine: without it a device asks for 5"
+def needs_gnu_gzip() -> None:
+    assert protocol_version() == TOP, "these tests need GNU gzip on the machine: without it a device asks for 5"
 
 
 # --- the refusal -----------------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def test_a_refused_version_gets_its_code_and_the_versions_the_server_speaks(regi
     full = ServerProcess(registry.url, store=tmp_path / "full" / "store")
     capped = ServerProcess(registry.url, store=tmp_path / "capped" / "store", extra_args=["--protocol-versions", "1-5"])
     with full, capped:
-        for url, asked, speaks in ((full.url, 7, [1, 2, 3, 4, 5, 6]), (capped.url, 6, [1, 2, 3, 4, 5]),
+        for url, asked, speaks in ((full.url, TOP + 1, ALL), (capped.url, 6, [1, 2, 3, 4, 5]),
                                    (capped.url, 0, [1, 2, 3, 4, 5])):
             for path, body in (("/v1/sync", SyncRequest("test/negotiate", "v1", version=asked).encode()),
                                ("/v1/chunks", ChunksRequest("test/negotiate", "sha256:" + "0" * 64, b"\1" * 32,
@@ -136,7 +140,7 @@ def test_a_refused_version_gets_its_code_and_the_versions_the_server_speaks(regi
 
 
 def test_serve_refuses_protocol_versions_it_does_not_know(tmp_path: Path) -> None:
-    for value, words in (("7", "knows protocol versions 1, 2, 3, 4, 5, 6 only"), ("5-1", "write versions as")):
+    for value, words in ((str(TOP + 1), f"knows protocol versions {spell(ALL)} only"), ("5-1", "write versions as")):
         proc = subprocess.run([str(CHUNKSYNC), "serve", "--registry", "http://127.0.0.1:1", "--store",
                                str(tmp_path / "store"), "--protocol-versions", value], capture_output=True, text=True,
                               timeout=60)
@@ -147,20 +151,20 @@ def test_serve_refuses_protocol_versions_it_does_not_know(tmp_path: Path) -> Non
 
 def test_a_device_newer_than_its_server_pulls_a_diff_at_the_highest_version_both_speak(registry: Registry,
                                                                                      tmp_path: Path) -> None:
-    needs_version_6()
+    needs_gnu_gzip()
     pair = push_pair(tmp_path / "img", registry, "test/negotiate-capped", 1_500_000, 400_000)
     store = tmp_path / "device"
     with ServerProcess(registry.url, store=tmp_path / "server" / "store",
                        extra_args=["--protocol-versions", "1-5"]) as server, RecordingProxy(server.url) as proxy:
         first = pull(pair.ref("v1"), proxy.url, store)
         second = pull(pair.ref("v2"), proxy.url, store)
-    said = ("the server does not speak protocol version 6 (it speaks 1, 2, 3, 4, 5); asking again with the sync "
+    said = (f"the server does not speak protocol version {TOP} (it speaks 1, 2, 3, 4, 5); asking again with the sync "
             "request at version 5")
     for result in (first, second):
         assert result.report["path"] == "diff", result.stderr
         assert said in result.stderr and any(said in w for w in result.report["warnings"])
     # Once refused, once answered, per pull: on the wire, not as the device tells it.
-    assert proxy.seen == [("/v1/sync", 6, 400), ("/v1/sync", 5, 200)] * 2
+    assert proxy.seen == [("/v1/sync", TOP, 400), ("/v1/sync", 5, 200)] * 2
     report = second.report
     print(f"\nversion 5: v2 took {report['bytes_received']} of {report['full_pull_bytes']} bytes")
     assert report["have_images"] == 1 and report["delta_items"] > 0  # a version-5 answer: deltas against v1
@@ -170,30 +174,30 @@ def test_a_device_newer_than_its_server_pulls_a_diff_at_the_highest_version_both
 @pytest.mark.parametrize("commit", OLD_SERVERS, ids=lambda c: f"speaks-{spell(OLD_SERVERS[c]).replace(', ', '-')}")
 def test_an_old_server_s_refusal_is_understood_and_the_repair_round_works(commit: str, registry: Registry,
                                                                          tmp_path: Path) -> None:
-    needs_version_6()
+    needs_gnu_gzip()
     speaks = OLD_SERVERS[commit]
     top = max(speaks)
     pair = push_pair(tmp_path / "img", registry, f"test/negotiate-old-{top}", 1_500_000, 400_000)
     store = tmp_path / "device"
     with OldServer(commit, registry.url, tmp_path / "old") as old, RecordingProxy(old.url) as proxy:
         # The refusal as that server words it: no code of its own, no list; only the message names the versions.
-        refusal = assert_error(post(old.url, "/v1/sync", SyncRequest(pair.repo, "v1", version=6).encode()), 400,
-                               f"protocol version 6 is not supported (this server speaks {spell(speaks)})")
+        refusal = assert_error(post(old.url, "/v1/sync", SyncRequest(pair.repo, "v1", version=TOP).encode()), 400,
+                               f"protocol version {TOP} is not supported (this server speaks {spell(speaks)})")
         assert refusal["code"] == "bad_request" and "versions" not in refusal
         proxy.seen.clear()
         # The first CHUNKS frame of the (second) sync answer arrives damaged: a repair round follows.
         with FrameProxy(proxy.url, CORRUPT_RAW, damage_answers=2) as damage:
             first = pull(pair.ref("v1"), damage.url, store)
         second = pull(pair.ref("v2"), proxy.url, store)
-    said = (f"the server does not speak protocol version 6 (it speaks {spell(speaks)}); asking again with the sync "
+    said = (f"the server does not speak protocol version {TOP} (it speaks {spell(speaks)}); asking again with the sync "
             f"request at version {top}")
     report = first.report
     assert said in first.stderr and said in second.stderr
     assert report["path"] == "repair" and report["repair_chunks"] == report["chunks_rejected"] >= 1, first.stderr
     assert damage.damaged_frames == 1
     # The repair request says version 1, which every server takes: no second refusal.
-    assert proxy.seen == [("/v1/sync", 6, 400), ("/v1/sync", top, 200), ("/v1/chunks", 1, 200),
-                          ("/v1/sync", 6, 400), ("/v1/sync", top, 200)]
+    assert proxy.seen == [("/v1/sync", TOP, 400), ("/v1/sync", top, 200), ("/v1/chunks", 1, 200),
+                          ("/v1/sync", TOP, 400), ("/v1/sync", top, 200)]
     print(f"\nold server ({spell(speaks)}): v2 took {second.report['bytes_received']} of "
           f"{second.report['full_pull_bytes']} bytes at version {top}")
     assert second.report["path"] == "diff" and second.report["have_images"] == 1
@@ -219,14 +223,14 @@ def test_no_version_in_common_falls_back_to_the_registry_and_says_why(registry: 
 
 def test_a_server_that_no_longer_speaks_1_takes_the_repair_request_at_a_version_it_does(registry: Registry,
                                                                                        tmp_path: Path) -> None:
-    needs_version_6()
+    needs_gnu_gzip()
     pair = push_pair(tmp_path / "img", registry, "test/negotiate-repair", 400_000, 100_000)
     with ServerProcess(registry.url, store=tmp_path / "server" / "store",
-                       extra_args=["--protocol-versions", "6"]) as server, RecordingProxy(server.url) as proxy, \
+                       extra_args=["--protocol-versions", str(TOP)]) as server, RecordingProxy(server.url) as proxy, \
             FrameProxy(proxy.url, CORRUPT_RAW) as damage:
         result = pull(pair.ref("v1"), damage.url, tmp_path / "device")
     report = result.report
     assert report["path"] == "repair" and report["repair_chunks"] == report["chunks_rejected"] >= 1, result.stderr
-    assert proxy.seen == [("/v1/sync", 6, 200), ("/v1/chunks", 1, 400), ("/v1/chunks", 6, 200)]
-    assert ("the server does not speak protocol version 1 (it speaks 6); asking again with the repair request at "
-            "version 6") in result.stderr
+    assert proxy.seen == [("/v1/sync", TOP, 200), ("/v1/chunks", 1, 400), ("/v1/chunks", TOP, 200)]
+    assert (f"the server does not speak protocol version 1 (it speaks {TOP}); asking again with the repair request "
+            f"at version {TOP}") in result.stderr

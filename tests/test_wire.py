@@ -16,7 +16,7 @@ from chunkstore.bloom import BloomFilter
 from chunkstore.index import chunk_id
 from chunkstore.wire import (DELTA_CONTENT, DELTA_GROUP, FRAME_CHUNKS, FRAME_END, FRAME_HEADER, MAX_CHUNKS_FRAME_BYTES,
                              MAX_FRAME_PAYLOAD, MAX_GROUP_RANGES, MAX_HAVE_IMAGES, ChunksRequest, DeltaGroup, DeltaItem,
-                             ProtocolError, SyncRequest, UnsupportedVersion, batch_chunks, decode_chunks, decode_chunks_request,
+                             ProtocolError, SUPPORTED_VERSIONS, SyncRequest, UnsupportedVersion, batch_chunks, decode_chunks, decode_chunks_request,
                              decode_delta, decode_item, decode_sync_request, encode_delta, encode_end, encode_error,
                              encode_frame, encode_header, read_frames)
 
@@ -82,7 +82,7 @@ BAD_SYNC = {
     "not a map": msgpack.packb([1, 2]),
     "trailing bytes": sync() + b"x",
     "no version": sync(v=DROP),
-    "version 7": sync(v=7),
+    "an unknown version": sync(v=max(SUPPORTED_VERSIONS) + 1),
     "repository missing": sync(repository=DROP),
     "repository as bytes": sync(repository=b"library/app"),
     "traversal in repository": sync(repository="../../etc/passwd"),
