@@ -91,6 +91,13 @@ class StoreStats:
     images: int
 
 
+# SQLite's page cache, per connection, so per thread (a server has dozens): its default of 2 MB, filled with chunk
+# pages the OS caches anyway, made the server's RSS grow about 2.5 MB per worker thread that read the store
+# (20 threads reading 2,000 chunks each: +61 MB; with 256 KiB: +13 MB; reading the node pair's 3,560 chunks took the
+# same CPU either way).
+PAGE_CACHE_KIB = 256
+
+
 class LocalStore:
     """Chunks by id, and image records. Safe to share between threads and processes."""
 
@@ -115,6 +122,7 @@ class LocalStore:
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             self._local.db = db
             self._local.cctx = zstandard.ZstdCompressor(level=self._level)
             self._local.dctx = zstandard.ZstdDecompressor()

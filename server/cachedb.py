@@ -6,6 +6,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from chunkstore.store import PAGE_CACHE_KIB
+
 
 class CacheDB:
     def __init__(self, path: Path, schema: str) -> None:
@@ -20,5 +22,6 @@ class CacheDB:
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")  # per thread, as the store's
             self._local.db = db
         return db
