@@ -52,6 +52,9 @@ class ChunkList:
     def id_at(self, i: int) -> bytes:
         return bytes(self.ids[i * ID_SIZE:(i + 1) * ID_SIZE])
 
+    def set_id(self, i: int, cid: bytes) -> None:
+        self.ids[i * ID_SIZE:(i + 1) * ID_SIZE] = cid
+
     def total(self) -> int:
         return sum(self.lengths)
 
@@ -76,6 +79,10 @@ class LayerIndex:
     def run_pairs(self) -> Iterator[tuple[int, int]]:
         for i in range(0, len(self.runs), 2):
             yield self.runs[i], self.runs[i + 1]
+
+    def chunk_list(self, headers: bool) -> ChunkList:
+        """The header chunks or the content chunks."""
+        return self.header_chunks if headers else self.chunks
 
     def all_chunks(self) -> Iterator[tuple[bytes, int]]:
         yield from self.header_chunks

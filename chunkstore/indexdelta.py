@@ -31,7 +31,7 @@ LEVEL = 15
 HASH_LOG = 18
 # Version 7: a chunk the answer's DELTA items rebuild is named by the first CHECK_BYTES of its id and zeros (which
 # zstd takes for a few bits); the device checks the rebuilt chunk's id against them and puts in the whole id.
-# On the node pair's 162 such chunks: index delta 6,489 -> ~1,800 bytes.
+# On the bench pairs (runs layout): node 6,618 -> 2,162 bytes (171 such chunks), debian 31,246 -> 8,177 (881).
 CHECK_BYTES = 4
 _ZEROS = bytes(ID_SIZE - CHECK_BYTES)
 
@@ -47,13 +47,14 @@ def is_placeholder(cid: bytes) -> bool:
 
 def with_placeholders(index: ImageIndex, spans: Iterable[Span]) -> ImageIndex:
     """A copy of `index` with the ids of the chunks in `spans` as placeholders (the index delta of version 7)."""
-    layers = [dataclasses.replace(layer, header_chunks=_copy(layer.header_chunks), chunks=_copy(layer.chunks))
-              for layer in index.layers]
+    copy = ImageIndex(index.manifest_digest, [dataclasses.replace(layer, header_chunks=_copy(layer.header_chunks),
+                                                                  chunks=_copy(layer.chunks))
+                                              for layer in index.layers], index.params)
     for layer, headers, first, count in spans:
-        chunks = layers[layer].header_chunks if headers else layers[layer].chunks
+        chunks = copy.layers[layer].chunk_list(headers)
         for i in range(first, first + count):
-            chunks.ids[i * ID_SIZE:(i + 1) * ID_SIZE] = placeholder(chunks.id_at(i))
-    return ImageIndex(index.manifest_digest, layers, index.params)
+            chunks.set_id(i, placeholder(chunks.id_at(i)))
+    return copy
 
 
 def _copy(chunks: ChunkList) -> ChunkList:

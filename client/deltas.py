@@ -7,7 +7,7 @@ import msgpack
 from chunkstore.delta import DeltaError, zstd_decode
 from chunkstore.gzdelta import GzipError, gnu_gzip, gunzip, rebuild
 from chunkstore.headerdelta import decode_headers
-from chunkstore.index import ID_SIZE, ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
+from chunkstore.index import ChunkList, ImageIndex, IndexFormatError, chunk_id, decode_index
 from chunkstore.indexdelta import CHECK_BYTES, decode_index_delta, is_placeholder, placeholder
 from chunkstore.store import CorruptChunk, LocalStore
 from chunkstore.wire import (DELTA_HEADERS, MAX_DELTA_BYTES, PROTOCOL_VERSION, AnyDeltaItem, DeltaGroup, DeltaGzip, Range,
@@ -55,11 +55,11 @@ class DeltaApplier:
         pairs = self._decode(ref, item, new)
         at = iter(pairs)
         for layer, headers, first, count in item_spans(item):
-            chunks = new.layers[layer].header_chunks if headers else new.layers[layer].chunks
+            chunks = new.layers[layer].chunk_list(headers)
             for i in range(first, first + count):
                 cid, _ = next(at)
                 if is_placeholder(chunks.id_at(i)):
-                    chunks.ids[i * ID_SIZE:(i + 1) * ID_SIZE] = cid
+                    chunks.set_id(i, cid)
                     self.filled.add(cid)
         return pairs
 
@@ -72,7 +72,7 @@ class DeltaApplier:
                 for i, (cid, length) in enumerate(chunks_of):
                     found = wanted.get(cid)
                     if found is not None and found[1] == length and is_placeholder(cid):
-                        chunks_of.ids[i * ID_SIZE:(i + 1) * ID_SIZE] = found[0]
+                        chunks_of.set_id(i, found[0])
                         put[found[0]] = length
         self.filled.update(put)
         return list(put.items())

@@ -356,6 +356,6 @@ def target_ids(new: ImageIndex, item: AnyDeltaItem) -> list[bytes]:
     """The chunk ids an item delivers."""
     ids = []
     for layer, headers, first, count in item_spans(item):
-        chunks = new.layers[layer].header_chunks if headers else new.layers[layer].chunks
+        chunks = new.layers[layer].chunk_list(headers)
         ids += [chunks.id_at(i) for i in range(first, first + count)]
     return ids

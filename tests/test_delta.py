@@ -14,7 +14,7 @@ from chunkstore.chunker import ALGORITHM
 from chunkstore.varint import varints
 from chunkstore.delta import DeltaError, PathMatcher, header_entries, normalised, zstd_decode, zstd_encode
 from chunkstore.headerdelta import decode_headers, encode_headers
-from chunkstore.index import ImageIndex, IndexFormatError, LayerIndex, chunk_id, index_layer
+from chunkstore.index import ID_SIZE, ImageIndex, IndexFormatError, LayerIndex, chunk_id, index_layer
 from chunkstore.indexdelta import decode_index_delta, encode_index_delta, flat, is_placeholder, with_placeholders
 from chunkstore.store import LocalStore
 from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup, item_spans
@@ -295,9 +295,9 @@ def test_placeholders_are_filled_with_the_ids_of_what_items_rebuild_and_a_wrong_
 
     wrong = decode_index_delta(delta, old_image)
     layer, headers, first, _ = item_spans(items[-1])[0]
-    held = wrong.layers[layer].header_chunks if headers else wrong.layers[layer].chunks
+    held = wrong.layers[layer].chunk_list(headers)
     assert is_placeholder(held.id_at(first))
-    held.ids[first * 32] ^= 1  # another chunk's check
+    held.ids[first * ID_SIZE] ^= 1  # another chunk's check
     with pytest.raises(DeltaError, match="do not hash"):
         applier.apply(ref, items[-1], wrong)
 

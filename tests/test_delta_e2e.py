@@ -158,8 +158,8 @@ def test_version_7_names_the_chunks_items_rebuild_by_placeholder_and_the_device_
                     for i in range(len(chunks)) if is_placeholder(chunks.id_at(i))}
     assert rebuilt and placeholders == rebuilt
     for j, headers, i in rebuilt:  # each keeps the first bytes of its id
-        real = (v2.layers[j].header_chunks if headers else v2.layers[j].chunks).id_at(i)
-        got = (implied.layers[j].header_chunks if headers else implied.layers[j].chunks).id_at(i)
+        real = v2.layers[j].chunk_list(headers).id_at(i)
+        got = implied.layers[j].chunk_list(headers).id_at(i)
         assert got == placeholder(real)
     print(f"\nindex delta: {size6} bytes at version 6, {size7} at version 7 ({len(rebuilt)} chunks rebuilt)")
     assert size7 < size6 - 20 * len(rebuilt)
