@@ -95,6 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn  # here, so `chunksync index` does not pay for it
 
     from .app import create_app
+    from .memory import one_arena
 
     try:
         host, port = _split_listen(args.listen)
@@ -108,6 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per registry request drowns what matters; keep them for --log-level debug.
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.log_level == "debug" else logging.WARNING)
+    one_arena()  # before create_app starts the indexing thread
     app = create_app(config)
     print(f"chunksync serve: {args.registry} on http://{args.listen}, store {args.store}", file=sys.stderr)
     # No Server or Date header: ~55 bytes per answer that no device reads.
