@@ -191,5 +191,5 @@ def reference_encode(new: bytes, new_runs: Sequence[int], old: bytes, old_runs: 
         out["mtime_mode"], out["mtimes"] = encode_mtimes(mtimes, base_mtimes(base_raw, blocks, copied), 19)
     else:
         base = base_raw  # fields stay in the residual, against the old member's own
-    out["residual"] = zstd_encode((new_arr - base).tobytes(), old, level)
+    out["residual"] = zstd_encode((new_arr - base).tobytes(), b"", level)  # no dictionary, as the server
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from chunkstore.delta import BLOCK, DeltaError, header_entries, zstd_decode
+from chunkstore.delta import BLOCK, DeltaError, header_entries, zstd_decode, zstd_encode
 from chunkstore.headerdelta import (
     _CHKSUM, _MTIME, _NONE, _decode_mtimes, _decode_ops, _encode_ops, _plan_ops, decode_headers, encode_headers,
 )
@@ -271,6 +271,20 @@ def _same(delta: dict, new: Stream, old: Stream) -> bytes | str:
     ours = _outcome(decode_headers, delta, new, old)
     assert ours == _outcome(_reference_decode, delta, new, old)
     return ours
+
+
+@pytest.mark.parametrize("name", ["edited", "python"])
+def test_a_residual_made_with_the_old_stream_as_dictionary_still_decodes(streams: dict[str, Stream],
+                                                                            name: str) -> None:
+    """Servers before this one made the residual against the old stream as dictionary; a device decodes both."""
+    new, old = streams[name], streams["old" if name != "python" else "edited"]
+    delta = encode_headers(new.header, new.runs, old.header, old.runs)
+    plain = zstd_decode(delta["residual"], b"", len(new.header))
+    assert any(plain), "the residual should not be all zeros here, else the dictionary is never read"
+    with_dict = {**delta, "residual": zstd_encode(plain, old.header, 9)}
+    with pytest.raises(DeltaError):  # it does copy from the dictionary
+        zstd_decode(with_dict["residual"], b"", len(new.header))
+    assert _same(with_dict, new, old) == new.header
 
 
 @pytest.mark.parametrize("name", ["old", "mtime", "reorder", "edited", "pax", "python"])
