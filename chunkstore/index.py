@@ -80,6 +80,18 @@ class LayerIndex:
         for i in range(0, len(self.runs), 2):
             yield self.runs[i], self.runs[i + 1]
 
+    def run_ranges(self) -> list[tuple[int, int]]:
+        """[first, end) indexes in `chunks` of each run's content chunks."""
+        ranges, position = [], 0
+        lengths = self.chunks.lengths
+        for content_len in self.runs[1::2]:
+            start, covered = position, 0
+            while covered < content_len:
+                covered += lengths[position]
+                position += 1
+            ranges.append((start, position))
+        return ranges
+
     def chunk_list(self, headers: bool) -> ChunkList:
         """The header chunks or the content chunks."""
         return self.header_chunks if headers else self.chunks

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import struct
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import msgpack
+import numpy as np
 
 from .chunker import ALGORITHM
 from .delta import DeltaError, zstd_decode, zstd_encode
@@ -20,13 +21,16 @@ from .wire import Span
 
 _RUN = struct.Struct("<QQ")
 _CHUNK = struct.Struct(f"<{ID_SIZE}sI")
+_ROW = np.dtype([("id", f"V{ID_SIZE}"), ("length", "<u4")])  # one _CHUNK, as numpy packs it
 _LEN = struct.Struct("<Q")
-# The index is a few hundred KB and the answer is cached per image pair: CPU goes to bytes, up to where it stops
-# paying. Level 15 against 19 on the bench pairs (bytes / s): debian 31,251 / 0.054 vs 30,665 / 0.058, reorder
-# 8,930 / 0.051 vs 8,930 / 0.120, node 6,379 vs 6,367 (0.03 s both), python 37,385 vs 37,379.
-LEVEL = 15
-# Level 15's hash table capped at 2**18 entries (it takes 2**20 for the debian pairs' 314 kB layouts, 2**19 for
-# node's): the index step's peak 18.8 -> 12.5 MB on the debian pairs, 8.0 -> 5.9 MB on node; the same bytes (node
+# The index is a few hundred KB and the answer is cached per image pair, but a first answer waits for it. Level 9
+# against 15 (bytes of the smaller layout, CPU s of both) on the bench pairs' version-7 index deltas: node 2,441 /
+# 0.014 vs 2,118 / 0.035, debian 8,465 / 0.004 vs 8,125 / 0.081, python 10,941 / 0.002 vs 9,930 / 0.030,
+# debian-reorder 7,148 / 0.013 vs 7,073 / 0.053; level 6 costs node another 64 bytes, python 128. (Before version 7,
+# level 15 against 19: debian 31,251 / 0.054 vs 30,665 / 0.058, reorder 8,930 / 0.051 vs 8,930 / 0.120.)
+LEVEL = 9
+# The hash table capped at 2**18 entries (measured at level 15, which takes 2**20 for the debian pairs' 314 kB
+# layouts, 2**19 for node's): the index step's peak 18.8 -> 12.5 MB on the debian pairs, 8.0 -> 5.9 MB on node; the same bytes (node
 # 6,356 instead of 6,360); CPU the same but on debian, 33 -> 42 ms. Its chain table stays: 2**19 costs debian 72 bytes.
 HASH_LOG = 18
 # Version 7: a chunk the answer's DELTA items rebuild is named by the first CHECK_BYTES of its id and zeros (which
@@ -88,31 +92,27 @@ def _scalars(layer: LayerIndex) -> bytes:
 def _layer_body(layer: LayerIndex, literal: Sequence[bool] | None = None) -> bytes:
     """Each run's lengths and content chunks, then the header chunks; with `literal` (runs layout) only the runs it
     marks, each as content_len alone (header_len travels in `heads`)."""
-    out = bytearray()
-    for run, ((header_len, content_len), chunks) in enumerate(zip(layer.run_pairs(), _run_chunks(layer))):
+    rows = _rows(layer.chunks)
+    parts = []
+    for run, ((header_len, content_len), (first, end)) in enumerate(zip(layer.run_pairs(), layer.run_ranges())):
         if literal is None:
-            out += _RUN.pack(header_len, content_len)
+            parts.append(_RUN.pack(header_len, content_len))
         elif not literal[run]:
             continue
         else:
-            out += _LEN.pack(content_len)
-        for cid, length in chunks:
-            out += _CHUNK.pack(cid, length)
-    for cid, length in layer.header_chunks:
-        out += _CHUNK.pack(cid, length)
-    return bytes(out)
+            parts.append(_LEN.pack(content_len))
+        parts.append(rows[first * _CHUNK.size:end * _CHUNK.size])
+    parts.append(_rows(layer.header_chunks))
+    return b"".join(parts)
 
 
-def _run_chunks(layer: LayerIndex) -> Iterator[list[tuple[bytes, int]]]:
-    """Each run's content chunks."""
-    chunks: Iterator[tuple[bytes, int]] = iter(layer.chunks)
-    for content_len in layer.runs[1::2]:
-        run, covered = [], 0
-        while covered < content_len:
-            cid, length = next(chunks)
-            run.append((cid, length))
-            covered += length
-        yield run
+def _rows(chunks: ChunkList) -> bytes:
+    """The chunks as (id, u32 length) rows, made at once: packing them one by one was most of the index delta's
+    CPU (node pair: 7,000 chunks)."""
+    rows = np.empty(len(chunks), dtype=_ROW)
+    rows["id"] = np.frombuffer(chunks.ids, dtype=_ROW["id"])
+    rows["length"] = chunks.lengths
+    return rows.tobytes()
 
 
 def encode_index_delta(new: ImageIndex, old: ImageIndex, level: int = LEVEL, runs: bool = False) -> dict:
@@ -145,23 +145,28 @@ def decode_index_delta(delta: object, old: ImageIndex) -> ImageIndex:
 
 # --- the runs layout (version 4) ---------------------------------------------------------------------------------
 
-def _old_runs(old: ImageIndex) -> list[tuple[int, list[tuple[bytes, int]]]]:
-    """(content_len, content chunks) of every run of the base, its layers' runs numbered in a row."""
-    return [(content_len, chunks) for layer in old.layers
-            for content_len, chunks in zip(layer.runs[1::2], _run_chunks(layer))]
+def _old_runs(old: ImageIndex) -> list[tuple[int, bytes]]:
+    """(content_len, content chunks as _CHUNK rows) of every run of the base, its layers' runs numbered in a row."""
+    out = []
+    for layer in old.layers:
+        rows = _rows(layer.chunks)
+        out += [(content_len, rows[first * _CHUNK.size:end * _CHUNK.size])
+                for content_len, (first, end) in zip(layer.runs[1::2], layer.run_ranges())]
+    return out
 
 
 def _runs_layout(new: ImageIndex, old: ImageIndex) -> bytes:
     """flat(new) with each layer's bin replaced by three (docs/PROTOCOL.md, "Index deltas"): refs, heads, body."""
     where: dict[tuple[int, bytes], list[int]] = {}
-    for g, (content_len, chunks) in enumerate(_old_runs(old)):
+    for g, (content_len, rows) in enumerate(_old_runs(old)):
         if content_len:
-            where.setdefault((content_len, b"".join(cid for cid, _ in chunks)), []).append(g)
+            where.setdefault((content_len, rows), []).append(g)
     parts = [_head(new)]
     for layer in new.layers:
         refs, heads, literal, expected, previous = [], [], [], 0, 0
-        for (header_len, content_len), chunks in zip(layer.run_pairs(), _run_chunks(layer)):
-            found = where.get((content_len, b"".join(cid for cid, _ in chunks))) if content_len else None
+        rows = _rows(layer.chunks)
+        for (header_len, content_len), (first, end) in zip(layer.run_pairs(), layer.run_ranges()):
+            found = where.get((content_len, rows[first * _CHUNK.size:end * _CHUNK.size])) if content_len else None
             if found:
                 at = bisect_left(found, expected)  # the next in base order keeps refs small
                 g = found[at] if at < len(found) else found[0]
@@ -189,7 +194,7 @@ def _read_head_len(value: int, previous_content: int) -> int:
     return value >> 1 if value & 1 else -previous_content % 512 + (value >> 1) * 512
 
 
-def _unflat(raw: bytes, old: list[tuple[int, list[tuple[bytes, int]]]] | None = None) -> ImageIndex:
+def _unflat(raw: bytes, old: list[tuple[int, bytes]] | None = None) -> ImageIndex:
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_bin_len=MAX_INDEX_BYTES)
     unpacker.feed(raw)
     try:
@@ -223,7 +228,7 @@ def _unflat(raw: bytes, old: list[tuple[int, list[tuple[bytes, int]]]] | None = 
 
 
 def _expand(scalars: dict, refs: list[int], heads: list[int], body: bytes,
-            old: list[tuple[int, list[tuple[bytes, int]]]], budget: list[int]) -> bytes:
+            old: list[tuple[int, bytes]], budget: list[int]) -> bytes:
     """The flat layout's layer bin that a runs layout's refs, heads and body stand for."""
     runs = int(scalars["runs"])
     if len(refs) != runs or len(heads) != runs:
@@ -235,13 +240,12 @@ def _expand(scalars: dict, refs: list[int], heads: list[int], body: bytes,
             g = expected + unzigzag(ref - 1)
             if not 0 <= g < len(old):
                 raise IndexFormatError(f"index delta: a run refers to base run {g}, the base has {len(old)}")
-            content_len, chunks = old[g]
-            budget[0] -= len(chunks)
+            content_len, rows = old[g]
+            budget[0] -= len(rows) // _CHUNK.size
             if budget[0] < 0:
                 raise IndexFormatError("index delta: refs name more chunks than an index may hold")
             out += _RUN.pack(header_len, content_len)
-            for cid, length in chunks:
-                out += _CHUNK.pack(cid, length)
+            out += rows
             expected = g + 1
         else:
             (content_len,) = _LEN.unpack_from(body, pos)

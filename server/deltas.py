@@ -76,19 +76,6 @@ class GzipTarget:
     base_text_size: int
 
 
-def run_ranges(layer: LayerIndex) -> list[tuple[int, int]]:
-    """[first, end) content chunk indexes of each run."""
-    ranges, position = [], 0
-    lengths = layer.chunks.lengths
-    for _, content_len in layer.run_pairs():
-        start, covered = position, 0
-        while covered < content_len:
-            covered += lengths[position]
-            position += 1
-        ranges.append((start, position))
-    return ranges
-
-
 def header_stream(layer: LayerIndex, get_chunk: GetChunk) -> bytes | None:
     """A layer's header bytes, or None when they are over the delta size limit (then no path matching)."""
     if layer.header_chunks.total() > MAX_DELTA_BYTES:
@@ -117,7 +104,7 @@ class Planner:
         self._old_members = [header_members(layer, h) for layer, h in zip(old.layers, self._old_headers)]
         self._old_paths = [run_paths(layer, m) for layer, m in zip(old.layers, self._old_members)]
         self._new_members: dict[int, Members | None] = {}
-        self._old_ranges = [run_ranges(layer) for layer in old.layers]
+        self._old_ranges = [layer.run_ranges() for layer in old.layers]
         files: list[tuple[str, tuple[int, int]]] = []
         for j in reversed(range(len(old.layers))):  # the topmost layer's file is the one the device sees
             for run, path in self._old_paths[j].items():
@@ -157,7 +144,7 @@ class Planner:
     def _content_targets(self, i: int, layer: LayerIndex, paths: dict[int, str]) -> Iterator[Target | GzipTarget]:
         ids = [cid for cid, _ in layer.chunks]
         lengths = layer.chunks.lengths
-        for run, (start, end) in enumerate(run_ranges(layer)):
+        for run, (start, end) in enumerate(layer.run_ranges()):
             if self.gzip and start < end and not self.old_ids.issuperset(ids[start:end]):
                 gz = self._gzip_target(i, start, end, paths.get(run))
                 if gz is not None:

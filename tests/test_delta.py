@@ -19,7 +19,7 @@ from chunkstore.indexdelta import decode_index_delta, encode_index_delta, flat, 
 from chunkstore.store import LocalStore
 from chunkstore.wire import DELTA_CONTENT, DELTA_HEADERS, DeltaGroup, item_spans
 from client.deltas import DeltaApplier
-from server.deltas import Planner, header_members, run_paths, run_ranges, target_ids
+from server.deltas import Planner, header_members, run_paths, target_ids
 from tarkit import LONG_DIR, gnu_tar, make_tree, touched_copy
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
@@ -225,7 +225,7 @@ def test_an_edit_in_a_big_file_is_based_on_the_old_chunks_around_it_not_the_whol
     topics = "pydoc_data/topics.py"
     paths = run_paths(old.index, header_members(old.index, old.header))
     old_run = next(run for run, path in paths.items() if path.endswith(topics))
-    first, end = run_ranges(old.index)[old_run]
+    first, end = old.index.run_ranges()[old_run]
     items = [item for item in planner.items() if item.kind == DELTA_CONTENT and first <= item.base_first < end]
     assert len(items) == 1  # the one edit in its middle
     item = items[0]
