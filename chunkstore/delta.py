@@ -30,10 +30,13 @@ class Entry:
     padding: bool = False  # the zeros after the previous run's content (their length follows from the runs)
 
 
-def _header_name(block: bytes) -> str:
-    name = block[0:100].split(b"\0", 1)[0]
-    if block[257:262] == b"ustar":
-        prefix = block[345:500].split(b"\0", 1)[0]
+def _header_name(block: bytes, at: int = 0) -> str:
+    """The name in the header block at `at` (read in place: no slice of the block per member)."""
+    end = block.find(b"\0", at, at + 100)
+    name = block[at:end if end >= 0 else at + 100]
+    if block.startswith(b"ustar", at + 257):
+        end = block.find(b"\0", at + 345, at + 500)
+        prefix = block[at + 345:end if end >= 0 else at + 500]
         if prefix:
             name = prefix + b"/" + name
     return name.decode("utf-8", "surrogateescape")
@@ -123,9 +126,16 @@ class PathMatcher:
             return found
         if self._loose is None:
             self._loose = {}
-            for old, value in self._paths:
-                self._loose.setdefault(normalised(old), value)
+            for loose, (_, value) in zip(_all_normalised([old for old, _ in self._paths]), self._paths):
+                self._loose.setdefault(loose, value)
         return self._loose.get(normalised(path))
+
+
+def _all_normalised(paths: list[str]) -> list[str]:
+    """normalised() of every path, in one regex pass over them joined (a pass per path was most of a pair's path
+    matching: node, 7,400 paths)."""
+    joined = _DIGITS.sub("#", "\0".join(paths)).split("\0")
+    return joined if len(joined) == len(paths) else [normalised(path) for path in paths]  # a path holding a NUL
 
 
 # --- zstd with the base as a raw-content dictionary ------------------------------------------------------------

@@ -120,7 +120,7 @@ def members(stream: bytes, runs: Sequence[int]) -> Members:
         if not member:
             paths.append(None)
         elif length == BLOCK:
-            paths.append(_header_name(stream[offset:offset + BLOCK]))
+            paths.append(_header_name(stream, offset))
         else:  # extended records (PAX, GNU long name) before the header block name the member
             paths.append(header_entries(stream[offset:offset + length], (length, 0))[0].path)
     return Members(found, paths)

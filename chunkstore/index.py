@@ -9,6 +9,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import blake3
 import msgpack
+import numpy as np
 
 from .chunker import ALGORITHM, DEFAULT_PARAMS, ChunkParams, StreamChunker, chunk_pieces
 from .layers import HashingReader, open_uncompressed
@@ -81,16 +82,11 @@ class LayerIndex:
             yield self.runs[i], self.runs[i + 1]
 
     def run_ranges(self) -> list[tuple[int, int]]:
-        """[first, end) indexes in `chunks` of each run's content chunks."""
-        ranges, position = [], 0
-        lengths = self.chunks.lengths
-        for content_len in self.runs[1::2]:
-            start, covered = position, 0
-            while covered < content_len:
-                covered += lengths[position]
-                position += 1
-            ranges.append((start, position))
-        return ranges
+        """[first, end) indexes in `chunks` of each run's content chunks (a run's content is whole chunks)."""
+        bounds = np.cumsum(np.frombuffer(self.chunks.lengths, dtype=np.uint32), dtype=np.int64)
+        run_ends = np.cumsum(np.frombuffer(self.runs, dtype=np.uint64)[1::2], dtype=np.int64)
+        ends = np.searchsorted(bounds, run_ends, side="right")
+        return list(zip(np.concatenate(([0], ends[:-1])).tolist(), ends.tolist()))
 
     def chunk_list(self, headers: bool) -> ChunkList:
         """The header chunks or the content chunks."""

@@ -63,6 +63,19 @@ def test_encode_decode_round_trip(layers: list[LayerIndex]) -> None:
     assert decoded.encode() == index.encode()  # encoding is canonical
 
 
+@settings(max_examples=200, deadline=None)
+@given(layer=layer_indexes())
+def test_run_ranges_are_each_runs_content_chunks(layer: LayerIndex) -> None:
+    """Empty runs included: each range's chunks add up to its run's content_len, and the ranges tile the chunks."""
+    ranges = layer.run_ranges()
+    assert len(ranges) == len(layer.runs) // 2
+    position = 0
+    for (first, end), content_len in zip(ranges, layer.runs[1::2]):
+        assert first == position and sum(layer.chunks.lengths[first:end]) == content_len
+        position = end
+    assert position == len(layer.chunks)
+
+
 def test_real_layer_round_trip(tmp_path) -> None:
     tar = gnu_tar(make_tree(tmp_path / "tree"), tmp_path / "l.tar", "--format=pax")
     layer = index_layer(open(tar, "rb"), oci.OCI_LAYER_TAR)
