@@ -148,6 +148,7 @@ class Pull:
         self.api = ServerApi(options.server, self.traffic, creds.basic() if creds else None)
         self.registry_reachable = True
         self.deltas = DeltaApplier(self.store, [])
+        self._incomplete: tuple[str, str, bytes, bytes] | None = None  # the record of the image being pulled
 
     def warn(self, message: str) -> None:
         self.report.warnings.append(message)
@@ -318,7 +319,15 @@ class Pull:
         if not (record := self.store.get_image(image.repository, digest)) or not record.complete:
             # Recorded before any chunk arrives, so a later store gc keeps an interrupted pull's chunks.
             self.store.put_image(image.repository, digest, index_data, manifest, config, complete=False)
+            self._incomplete = (image.repository, digest, manifest, config)
         return image, index, index_data
+
+    def _record_filled(self, index: ImageIndex) -> None:
+        """The incomplete record again, with the ids that DELTA items put in place of placeholders (version 7):
+        the record names the chunks a later store gc keeps, and it was written with the placeholders."""
+        if self._incomplete is not None:
+            repository, digest, manifest, config = self._incomplete
+            self.store.put_image(repository, digest, index.encode(), manifest, config, complete=False)
 
     def _index_from_delta(self, payload: dict) -> ImageIndex:
         base = payload.get("index_base")
@@ -354,10 +363,13 @@ class Pull:
             if frame.type == FRAME_END:
                 return True
             if frame.type == FRAME_DELTA and not repair:
+                filled = len(self.deltas.filled)
                 good = self._apply_deltas(frame.payload, index, wanted)
                 # Verified against their ids in _apply_deltas. An item may also rebuild chunks the store holds:
                 # only those new to it count as received.
                 added = self.store.put_many(good, verify=False)
+                if len(self.deltas.filled) > filled:
+                    self._record_filled(index)
                 self.report.chunks_received += added
                 self.report.delta_chunks += added
                 self.progress.advance(sum(len(data) for _, data in good))
@@ -371,8 +383,10 @@ class Pull:
                 self.report.chunks_rejected += len(ids) // ID_SIZE if isinstance(ids, bytes) else 0
                 self.warn(f"a CHUNKS frame was damaged ({exc}); its chunks will be asked for again")
                 continue
+            filled = []
             if repair:  # asked for by placeholder: the chunk's id takes the placeholder's place in the index
-                for cid, length in self.deltas.fill(index, [(cid, len(data)) for cid, data in pairs]):
+                filled = self.deltas.fill(index, [(cid, len(data)) for cid, data in pairs])
+                for cid, length in filled:
                     wanted[cid] = length
             good = [(cid, data) for cid, data in pairs if wanted.get(cid) == len(data) and chunk_id(data) == cid]
             if len(good) < len(pairs):
@@ -382,6 +396,8 @@ class Pull:
             # Verified just above (and limited to this image's ids), so the store need not hash them again. A whole
             # segment may bring chunks the Bloom filter rightly claimed: only those new to the store count.
             added = self.store.put_many(good, verify=False)
+            if filled:
+                self._record_filled(index)
             self.report.chunks_received += added
             self.report.chunks_already_held += len(good) - added
             if repair:

@@ -1,6 +1,6 @@
 """A real HTTP proxy on loopback between a device and the chunksync server, for faults that happen on the way:
 it forwards requests, parses the answer's frames as they pass, and can damage one CHUNKS frame, flip one byte
-anywhere in the frames, hold the stream after the first CHUNKS frame until released, or refuse with an error
+anywhere in the frames, hold the stream after the first CHUNKS (or DELTA) frame until released, or refuse with an error
 status. Raw byte faults below HTTP (cuts, flips of status lines): tests/fault_proxy.py.
 
 Used instead of mocks: the client and server under test are the real ones, talking over real sockets.
@@ -16,7 +16,7 @@ import httpx
 import msgpack
 import zstandard
 
-from chunkstore.wire import FRAME_CHUNKS, ProtocolError, decode_chunks
+from chunkstore.wire import FRAME_CHUNKS, FRAME_DELTA, ProtocolError, decode_chunks
 from client.server_api import ResponseReader
 from helpers import serve_http
 
@@ -27,6 +27,7 @@ PASS = "pass"
 CORRUPT_RAW = "corrupt-raw"    # flip a byte of a chunk's bytes and recompress: the frame decodes, the id fails
 CORRUPT_ZSTD = "corrupt-zstd"  # flip bytes inside the frame's zstd data: the frame fails to decode or hash
 HOLD = "hold"                  # forward HEADER and the first CHUNKS frame, then wait for release()
+HOLD_DELTA = "hold-delta"      # forward HEADER and the first DELTA frame, then wait for release()
 FAIL = "fail"                  # answer 503 without asking the server
 FLIP = "flip"                  # invert the byte at `flip_at` of the frame stream (prefix, msgpack, zstd: anywhere)
 
@@ -49,7 +50,8 @@ def _damage(payload: dict, mode: str) -> dict:
 
 class FrameProxy:
     """`FrameProxy(upstream_url, mode, flip_at=None)`; `.url`; counts `requests[path]`; damages only
-    `damage_answers` answers (default: the first); `.forwarded_first_chunks` is set once a HOLD has passed its first CHUNKS frame."""
+    `damage_answers` answers (default: the first); `.forwarded_first_chunks` is set once a HOLD has passed its first CHUNKS frame,
+    `.forwarded_first_delta` once a HOLD_DELTA has passed its first DELTA frame."""
 
     def __init__(self, upstream: str, mode: str = PASS, damage_answers: int = 1, flip_at: int | None = None) -> None:
         self.upstream = upstream.rstrip("/")
@@ -59,6 +61,7 @@ class FrameProxy:
         self.requests: dict[str, int] = {}
         self.damaged_frames = 0
         self.forwarded_first_chunks = threading.Event()
+        self.forwarded_first_delta = threading.Event()
         self._release = threading.Event()
         self._lock = threading.Lock()
         self._server, self.url = serve_http(self._handle)
@@ -133,5 +136,8 @@ class FrameProxy:
             handler.wfile.flush()
             if self.mode == HOLD and frame_type == FRAME_CHUNKS and chunks_frames == 1:
                 self.forwarded_first_chunks.set()
+                self._release.wait()
+            if self.mode == HOLD_DELTA and frame_type == FRAME_DELTA and not self.forwarded_first_delta.is_set():
+                self.forwarded_first_delta.set()
                 self._release.wait()
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +20,9 @@ from chunkstore.indexdelta import decode_index_delta, is_placeholder, placeholde
 from chunkstore.store import LocalStore
 from chunkstore.wire import FRAME_DELTA, DeltaGroup, SyncRequest, decode_delta, item_spans, read_frames
 from delta_proxy import CORRUPT_DELTA, CORRUPT_GROUP, REBASE_DELTA, DeltaProxy
+from frame_proxy import HOLD_DELTA, FrameProxy
 from helpers import Registry, build_image, push_image
-from pull_tools import ImagePair, pull, push_pair, skopeo_config_digest
+from pull_tools import ImagePair, pull, pull_command, pull_env, push_pair, skopeo_config_digest
 from server.deltas import target_ids
 from server_process import Answer, ServerProcess, post
 from tarkit import make_tree, touched_copy
@@ -177,6 +182,39 @@ def test_version_7_names_the_chunks_items_rebuild_by_placeholder_and_the_device_
     record = LocalStore(store).get_image(REPO, pair.digests["v2"])
     assert record is not None and record.complete and record.index_data == v2.encode()
     layer_files_match_config(tmp_path / "out", "v2")
+
+
+def test_a_pull_killed_after_its_delta_items_keeps_their_chunks_through_store_gc(
+        pair: ImagePair, server: ServerProcess, v1_store: Path, tmp_path: Path) -> None:
+    """Version 7: the interrupted pull's record is written with placeholders; the ids the items put in must reach
+    it, or `store gc` deletes the rebuilt chunks as named by no record and the retry downloads them again."""
+    store = device(v1_store, tmp_path)
+    before = set(LocalStore(store).ids())
+    with FrameProxy(server.url, HOLD_DELTA) as proxy:
+        process = subprocess.Popen(pull_command(pair.ref("v2"), proxy.url, store), env=pull_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert proxy.forwarded_first_delta.wait(120), "the pull never got a DELTA frame"
+            deadline = time.monotonic() + 120  # a loaded 2-core machine; the loop ends once the chunks are stored
+            while LocalStore(store).count() == len(before) and time.monotonic() < deadline \
+                    and process.poll() is None:
+                time.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            proxy.release()
+    rebuilt = set(LocalStore(store).ids()) - before
+    assert rebuilt, "the DELTA frame's chunks were not stored before the kill"
+    record = LocalStore(store).get_image(REPO, pair.digests["v2"])
+    assert record is not None and not record.complete
+    assert rebuilt <= decode_index(record.index_data).chunk_ids()
+
+    gc = subprocess.run([sys.executable, "-m", "client.cli", "store", "gc", "--keep", "2", "--store", str(store)],
+                        capture_output=True, text=True)
+    assert gc.returncode == 0, gc.stderr
+    assert rebuilt <= set(LocalStore(store).ids())
+    report = pull(pair.ref("v2"), server.url, store).report
+    assert report["path"] == "diff" and report["delta_items"] == 0  # every item's chunks are still there
 
 
 def test_an_mtime_only_rebuild_sends_almost_nothing(registry: Registry, server: ServerProcess,
