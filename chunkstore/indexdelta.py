@@ -30,8 +30,9 @@ _LEN = struct.Struct("<Q")
 # level 15 against 19: debian 31,251 / 0.054 vs 30,665 / 0.058, reorder 8,930 / 0.051 vs 8,930 / 0.120.)
 LEVEL = 9
 # The hash table capped at 2**18 entries (measured at level 15, which takes 2**20 for the debian pairs' 314 kB
-# layouts, 2**19 for node's): the index step's peak 18.8 -> 12.5 MB on the debian pairs, 8.0 -> 5.9 MB on node; the same bytes (node
-# 6,356 instead of 6,360); CPU the same but on debian, 33 -> 42 ms. Its chain table stays: 2**19 costs debian 72 bytes.
+# layouts, 2**19 for node's): the index step's peak 18.8 -> 12.5 MB on the debian pairs, 8.0 -> 5.9 MB on node;
+# the same bytes (node 6,356 instead of 6,360); CPU the same but on debian, 33 -> 42 ms. Its chain table stays:
+# 2**19 costs debian 72 bytes.
 HASH_LOG = 18
 # Version 7: a chunk the answer's DELTA items rebuild is named by the first CHECK_BYTES of its id and zeros (which
 # zstd takes for a few bits); the device checks the rebuilt chunk's id against them and puts in the whole id.
