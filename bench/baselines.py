@@ -176,12 +176,13 @@ def _key(tool: str, old: Path, new: Path) -> str:
 
 
 def measure(tool: str, pair: str, layer: int, old: Path, new: Path, cache: Path, *, slow: bool = False,
-            bsdiff_cap_mb: float = BSDIFF_CAP_MB) -> dict:
-    """One row: cached when the inputs did not change; a skipped row (bsdiff over the cap) is never cached."""
+            bsdiff_cap_mb: float = BSDIFF_CAP_MB, fresh: bool = False) -> dict:
+    """One row: cached when the inputs did not change, unless `fresh` (measured again, the cache rewritten); a
+    skipped row (bsdiff over the cap) is never cached."""
     base = {"tool": tool, "pair": pair, "layer": layer, "old_bytes": old.stat().st_size,
             "new_bytes": new.stat().st_size}
     key_path = cache / "baselines" / f"{_key(tool, old, new)}.json"
-    if key_path.exists():
+    if key_path.exists() and not fresh:
         return {**json.loads(key_path.read_text()), "pair": pair, "layer": layer}
     big = max(base["old_bytes"], base["new_bytes"]) / 1e6
     if tool == "bsdiff" and not slow and big > bsdiff_cap_mb:
@@ -203,8 +204,8 @@ def measure(tool: str, pair: str, layer: int, old: Path, new: Path, cache: Path,
 
 
 def measure_pair(pair_dir: Path, cache: Path, *, tools=TOOLS, slow: bool = False,
-                 bsdiff_cap_mb: float = BSDIFF_CAP_MB) -> list[dict]:
-    """Rows for every layer of the pair's new version and every tool."""
+                 bsdiff_cap_mb: float = BSDIFF_CAP_MB, fresh: tuple[str, ...] = ()) -> list[dict]:
+    """Rows for every layer of the pair's new version and every tool; the tools in `fresh` measured now."""
     pair_dir = Path(pair_dir)
     olds, news = corpus.pair_layers(pair_dir, "old"), corpus.pair_layers(pair_dir, "new")
     (cache / "baselines").mkdir(parents=True, exist_ok=True)
@@ -221,8 +222,8 @@ def measure_pair(pair_dir: Path, cache: Path, *, tools=TOOLS, slow: bool = False
                       "new_bytes": new.stat().st_size, "bytes": 0, "verified": True,
                       "note": "layer unchanged (same diff_id): not downloaded"} for t in tools]
             continue
-        rows += [measure(t, pair_dir.name, i, old, new, cache, slow=slow, bsdiff_cap_mb=bsdiff_cap_mb)
-                 for t in tools]
+        rows += [measure(t, pair_dir.name, i, old, new, cache, slow=slow, bsdiff_cap_mb=bsdiff_cap_mb,
+                         fresh=t in fresh) for t in tools]
     return rows
 
 

@@ -120,7 +120,8 @@ def markdown(results: dict) -> str:
         "# chunksync benchmark results", "",
         f"Run {results['date']} on {m['cpu']} × {m['nproc']} cores, {m['ram_gb']:.1f} GB RAM, {m['os']}; "
         f"`{results['command']}` took {results['seconds'] / 60:.1f} min. Every number below comes from this run "
-        "(baseline tool rows are cached by bench/baselines.py per input file and tool version).", "",
+        "(baseline tool rows other than bsdiff's are cached by bench/baselines.py per input file and tool version; "
+        "bsdiff, the yardstick of targets 2a and 2b, is measured in the run unless `--cached-bsdiff`).", "",
         *targets(results),
         "## Bytes for a device on v1 to get v2", "",
         "*full pull*: the gzip layer blobs of v2 whose digest v1 does not have (what `docker pull` fetches). "

@@ -21,6 +21,10 @@ from client.sandbox import SandboxError, require_tools, start_registry
 
 RESULTS = Path(__file__).parent / "results"
 QUICK_PAIR = "node"  # the smallest corpus pair: a smoke run in about a minute
+# bsdiff is what the server's CPU and memory are judged against (targets 2a, 2b), so it is measured in every run,
+# side by side with chunksync: on this shared VM the same code's CPU moved 2x within an hour, and a cached bsdiff
+# row from another hour made a ratio of two moments. The other tools' rows stay cached (bytes do not drift).
+FRESH_BASELINES = ("bsdiff",)
 
 
 def log(msg: str) -> None:
@@ -70,8 +74,10 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for pair_dir in dirs:
             name = pair_dir.name
-            log(f"{name}: baselines (cached when measured before)")
-            results["baselines"] += baselines.measure_pair(pair_dir, cache, slow=args.slow)
+            log(f"{name}: baselines ({', '.join(FRESH_BASELINES)} measured now, the others cached when measured "
+                "before)")
+            results["baselines"] += baselines.measure_pair(pair_dir, cache, slow=args.slow,
+                                                           fresh=() if args.cached_bsdiff else FRESH_BASELINES)
             log(f"{name}: chunksync end to end (registry {host}, server, pulls)")
             results["chunksync"][name] = pulls.measure_pair(pair_dir, cache, host, registry_tap, work / name,
                                                             repeat=args.repeat)
@@ -104,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow", action="store_true", help="also run bsdiff on layers over its size cap (slow, GBs)")
     ap.add_argument("--pairs-from", metavar="DIR",
                     help="pairs from DIR/<pair>/{old,new}/layers/N.tar + recipe.json instead of the corpus")
+    ap.add_argument("--cached-bsdiff", action="store_true",
+                    help="take bsdiff's rows from the cache too (faster; its CPU is then from another moment)")
     ap.add_argument("--repeat", type=int, default=3, help="update pulls per pair, median reported (default 3)")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"where RESULTS.md goes (default {RESULTS})")
     ap.add_argument("--cache", help="cache dir (default $CHUNKSYNC_BENCH_CACHE or ~/.cache/chunksync-bench)")
