@@ -73,7 +73,7 @@ def flat(index: ImageIndex) -> bytes:
     parts = [_head(index)]
     for layer in index.layers:
         parts.append(_scalars(layer))
-        parts.append(msgpack.packb(_layer_body(layer), use_bin_type=True))
+        parts.append(msgpack.packb(_layer_body(layer, _run_rows(layer)), use_bin_type=True))
     return b"".join(parts)
 
 
@@ -90,21 +90,26 @@ def _scalars(layer: LayerIndex) -> bytes:
         "header_chunks": len(layer.header_chunks)})
 
 
-def _layer_body(layer: LayerIndex, literal: Sequence[bool] | None = None) -> bytes:
-    """Each run's lengths and content chunks, then the header chunks; with `literal` (runs layout) only the runs it
-    marks, each as content_len alone (header_len travels in `heads`)."""
-    rows = _rows(layer.chunks)
+def _layer_body(layer: LayerIndex, run_rows: list[bytes], literal: Sequence[bool] | None = None) -> bytes:
+    """Each run's lengths and content chunks (`run_rows`, from _run_rows), then the header chunks; with `literal`
+    (runs layout) only the runs it marks, each as content_len alone (header_len travels in `heads`)."""
     parts = []
-    for run, ((header_len, content_len), (first, end)) in enumerate(zip(layer.run_pairs(), layer.run_ranges())):
+    for run, ((header_len, content_len), rows) in enumerate(zip(layer.run_pairs(), run_rows)):
         if literal is None:
             parts.append(_RUN.pack(header_len, content_len))
         elif not literal[run]:
             continue
         else:
             parts.append(_LEN.pack(content_len))
-        parts.append(rows[first * _CHUNK.size:end * _CHUNK.size])
+        parts.append(rows)
     parts.append(_rows(layer.header_chunks))
     return b"".join(parts)
+
+
+def _run_rows(layer: LayerIndex) -> list[bytes]:
+    """Each run's content chunks as _CHUNK rows."""
+    rows = _rows(layer.chunks)
+    return [rows[first * _CHUNK.size:end * _CHUNK.size] for first, end in layer.run_ranges()]
 
 
 def _rows(chunks: ChunkList) -> bytes:
@@ -148,12 +153,8 @@ def decode_index_delta(delta: object, old: ImageIndex) -> ImageIndex:
 
 def _old_runs(old: ImageIndex) -> list[tuple[int, bytes]]:
     """(content_len, content chunks as _CHUNK rows) of every run of the base, its layers' runs numbered in a row."""
-    out = []
-    for layer in old.layers:
-        rows = _rows(layer.chunks)
-        out += [(content_len, rows[first * _CHUNK.size:end * _CHUNK.size])
-                for content_len, (first, end) in zip(layer.runs[1::2], layer.run_ranges())]
-    return out
+    return [(content_len, rows) for layer in old.layers
+            for content_len, rows in zip(layer.runs[1::2], _run_rows(layer))]
 
 
 def _runs_layout(new: ImageIndex, old: ImageIndex) -> bytes:
@@ -165,9 +166,9 @@ def _runs_layout(new: ImageIndex, old: ImageIndex) -> bytes:
     parts = [_head(new)]
     for layer in new.layers:
         refs, heads, literal, expected, previous = [], [], [], 0, 0
-        rows = _rows(layer.chunks)
-        for (header_len, content_len), (first, end) in zip(layer.run_pairs(), layer.run_ranges()):
-            found = where.get((content_len, rows[first * _CHUNK.size:end * _CHUNK.size])) if content_len else None
+        run_rows = _run_rows(layer)
+        for (header_len, content_len), rows in zip(layer.run_pairs(), run_rows):
+            found = where.get((content_len, rows)) if content_len else None
             if found:
                 at = bisect_left(found, expected)  # the next in base order keeps refs small
                 g = found[at] if at < len(found) else found[0]
@@ -180,7 +181,7 @@ def _runs_layout(new: ImageIndex, old: ImageIndex) -> bytes:
             previous = content_len
         parts += [_scalars(layer), msgpack.packb(varints(refs), use_bin_type=True),
                   msgpack.packb(varints(heads), use_bin_type=True),
-                  msgpack.packb(_layer_body(layer, literal), use_bin_type=True)]
+                  msgpack.packb(_layer_body(layer, run_rows, literal), use_bin_type=True)]
     return b"".join(parts)
 
 

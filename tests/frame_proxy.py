@@ -1,7 +1,7 @@
 """A real HTTP proxy on loopback between a device and the chunksync server, for faults that happen on the way:
 it forwards requests, parses the answer's frames as they pass, and can damage one CHUNKS frame, flip one byte
-anywhere in the frames, hold the stream after the first CHUNKS (or DELTA) frame until released, or refuse with an error
-status. Raw byte faults below HTTP (cuts, flips of status lines): tests/fault_proxy.py.
+anywhere in the frames, hold the stream after the first CHUNKS (or DELTA) frame until released, or refuse with an
+error status. Raw byte faults below HTTP (cuts, flips of status lines): tests/fault_proxy.py.
 
 Used instead of mocks: the client and server under test are the real ones, talking over real sockets.
 """
@@ -50,8 +50,8 @@ def _damage(payload: dict, mode: str) -> dict:
 
 class FrameProxy:
     """`FrameProxy(upstream_url, mode, flip_at=None)`; `.url`; counts `requests[path]`; damages only
-    `damage_answers` answers (default: the first); `.forwarded_first_chunks` is set once a HOLD has passed its first CHUNKS frame,
-    `.forwarded_first_delta` once a HOLD_DELTA has passed its first DELTA frame."""
+    `damage_answers` answers (default: the first); `.forwarded_first_chunks` is set once a HOLD has passed its first
+    CHUNKS frame, `.forwarded_first_delta` once a HOLD_DELTA has passed its first DELTA frame."""
 
     def __init__(self, upstream: str, mode: str = PASS, damage_answers: int = 1, flip_at: int | None = None) -> None:
         self.upstream = upstream.rstrip("/")
