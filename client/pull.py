@@ -35,7 +35,8 @@ from chunkstore.wire import (
     decode_delta,
     spell_versions,
 )
-from client.registry import Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError, Unauthorized
+from client.registry import (Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError, Unauthorized,
+                             UntrustedCertificate)
 
 from .auth import Credentials
 from .deltas import DeltaApplier, protocol_version
@@ -195,7 +196,7 @@ class Pull:
                             "(skopeo login) so an auth file has them") from None
         except NotFound:
             raise PullError(f"{self.ref} is not in the registry: check the repository and tag") from None
-        except (PlatformNotFound, DigestMismatch) as exc:
+        except (PlatformNotFound, DigestMismatch, UntrustedCertificate) as exc:
             raise PullError(str(exc)) from None
         except RegistryError as exc:
             if exc.status is not None:

@@ -10,6 +10,7 @@ import io
 import json
 import random
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class Forbidden(RegistryError):
 
 class NotFound(RegistryError):
     """404: unknown repository, manifest, tag or blob."""
+
+
+class UntrustedCertificate(RegistryError):
+    """The registry's TLS certificate did not verify: not retried, and not taken for an unreachable registry."""
 
 
 class PlatformNotFound(RegistryError):
@@ -296,6 +301,10 @@ class RegistryClient:
             try:
                 response = self._send(method, url, headers=headers, content=content, stream=stream, scope=scope)
             except httpx.TransportError as exc:
+                if (reason := _certificate_failure(exc)) is not None:
+                    raise UntrustedCertificate(
+                        f"{method} {self.base_url}{url}: the registry's TLS certificate does not verify ({reason}); "
+                        "if a private CA signed it, point SSL_CERT_FILE at that CA's certificate") from exc
                 if attempt >= self.retries:
                     raise RegistryError(f"{method} {self.base_url}{url}: {exc!r}") from exc
                 self._sleep(attempt, None)
@@ -665,6 +674,16 @@ class RegistryClient:
         entries = [e for e in entries if e.get("digest") != descriptor["digest"]] + [descriptor]
         index.update({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries})
         self.push_manifest(repo, tag, json.dumps(index, separators=(",", ":")).encode(), OCI_INDEX)
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """The reason, when a transport error comes from a TLS certificate that did not verify (httpx wraps it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class _BlobStream(io.RawIOBase):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -97,6 +99,31 @@ class Registry:
 
 
 
+@dataclass(frozen=True)
+class TlsCert:
+    """A self-signed certificate for `name` (a host name that is not loopback to the client, so it speaks HTTPS),
+    which resolves to `address`."""
+    cert: Path
+    key: Path
+    name: str
+    address: str
+
+
+def make_tls_cert(workdir: Path) -> TlsCert | None:
+    """A certificate for this machine's own host name, or None if that name does not resolve or is `localhost`."""
+    name = socket.gethostname()
+    try:
+        address = socket.gethostbyname(name)
+    except OSError:
+        return None
+    if name.lower() == "localhost" or not name:
+        return None
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
+        "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}")
+    return TlsCert(cert, key, name, address)
+
+
 def make_htpasswd(users: Mapping[str, str], path: Path) -> Path:
     """Write a bcrypt htpasswd file (distribution accepts only bcrypt entries) using apache2-utils' htpasswd."""
     lines = [run("htpasswd", "-Bbn", user, password).strip() for user, password in users.items()]
@@ -105,10 +132,12 @@ def make_htpasswd(users: Mapping[str, str], path: Path) -> Path:
 
 
 def start_registry(workdir: Path, *, notify_url: str | None = None, users: Mapping[str, str] | None = None,
-                   auth: Mapping[str, object] | None = None, timeout: float = 10.0) -> Registry:
+                   auth: Mapping[str, object] | None = None, tls: TlsCert | None = None,
+                   timeout: float = 10.0) -> Registry:
     """Start a registry with storage in `workdir`/data; optional push notifications and htpasswd users.
 
     `auth` is a raw `auth:` section of the registry config (e.g. `{"token": {...}}`), used instead of `users`.
+    With `tls` it serves HTTPS only, as https://`tls.name`:PORT on `tls.address`.
 
     `delete` is enabled. Returns once `/v2/` answers; call `.stop()` when done.
     """
@@ -126,21 +155,25 @@ def start_registry(workdir: Path, *, notify_url: str | None = None, users: Mappi
     if notify_url:
         config["notifications"] = {"endpoints": [
             {"name": "test", "url": notify_url, "timeout": "2s", "threshold": 5, "backoff": "1s"}]}
+    address, name, scheme = (tls.address, tls.name, "https") if tls else ("127.0.0.1", "127.0.0.1", "http")
+    probe = ssl.create_default_context(cafile=str(tls.cert)) if tls else True
     last_error = ""
     for _ in range(3):  # the free port may be taken between free_port() and the registry's bind
         port = free_port()
-        config["http"] = {"addr": f"127.0.0.1:{port}", "secret": "test"}
+        config["http"] = {"addr": f"{address}:{port}", "secret": "test"}
+        if tls:
+            config["http"]["tls"] = {"certificate": str(tls.cert), "key": str(tls.key)}  # type: ignore[index]
         config_path = workdir / "config.yml"
         config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML
         log = (workdir / "registry.log").open("wb")
         process = subprocess.Popen([REGISTRY_BIN, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        registry = Registry(url=f"http://127.0.0.1:{port}", host=f"127.0.0.1:{port}", root=root, process=process,
+        registry = Registry(url=f"{scheme}://{name}:{port}", host=f"{name}:{port}", root=root, process=process,
                             users=dict(users or {}))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if httpx.get(f"{registry.url}/v2/", timeout=1).status_code in (200, 401):
+                if httpx.get(f"{registry.url}/v2/", timeout=1, verify=probe).status_code in (200, 401):
                     return registry
             except httpx.TransportError:
                 pass
