@@ -67,3 +67,14 @@ def test_pull_over_https_verifies_the_registry_certificate(tls_registry: tuple[R
     assert second["manifest_digest"] == tls_pair.digests["v2"]
     assert second["config_digest"] == skopeo_config_digest(tls_pair.ref("v2"))
     assert second["bytes_received"] < 0.2 * second["full_pull_bytes"]
+
+
+def test_a_server_that_does_not_trust_the_registry_says_so(tls_registry: tuple[Registry, Path],
+                                                           tls_pair: ImagePair, tmp_path: Path) -> None:
+    registry, cert = tls_registry
+    with ServerProcess(registry.url, store=tmp_path / "server-store") as server:  # no SSL_CERT_FILE
+        run = pull(tls_pair.ref("v1"), server.url, tmp_path / "store", "--out", f"oci:{tmp_path / 'out'}",
+                   env=pull_env(SSL_CERT_FILE=str(cert))).report
+    # The device trusts the registry and pulls plainly from it; the warning carries the server's reason.
+    assert run["path"] == "fallback" and run["manifest_digest"] == tls_pair.digests["v1"]
+    assert any("TLS certificate does not verify" in warning for warning in run["warnings"]), run["warnings"]
