@@ -53,11 +53,12 @@ def layer_pieces(layer: LayerIndex, get_chunk: GetChunk, verify_chunks: bool = T
             yield piece
 
 
-def write_layer(layer: LayerIndex, get_chunk: GetChunk, out: BinaryIO) -> str:
-    """Writes the layer to `out`, returns its diff_id; raises ReassemblyError if it differs from the index's."""
+def write_layer(layer: LayerIndex, get_chunk: GetChunk, out: BinaryIO, verify_chunks: bool = True) -> str:
+    """Writes the layer to `out`, returns its diff_id; raises ReassemblyError if it differs from the index's.
+    `verify_chunks=False` for a `get_chunk` that checks every chunk against its id itself (LocalStore.get)."""
     sha = hashlib.sha256()
     size = 0
-    for piece in layer_pieces(layer, get_chunk):
+    for piece in layer_pieces(layer, get_chunk, verify_chunks):
         sha.update(piece)
         out.write(piece)
         size += len(piece)
@@ -68,9 +69,10 @@ def write_layer(layer: LayerIndex, get_chunk: GetChunk, out: BinaryIO) -> str:
     return diff_id
 
 
-def reassemble_to_file(layer: LayerIndex, get_chunk: GetChunk, path: str | os.PathLike) -> Path:
+def reassemble_to_file(layer: LayerIndex, get_chunk: GetChunk, path: str | os.PathLike,
+                       verify_chunks: bool = True) -> Path:
     """Writes the layer to `path` through a temporary file that is renamed only once the diff_id matches;
     on any failure the partial output is removed and the error raised."""
     with atomic_file(path) as out:
-        write_layer(layer, get_chunk, out)
+        write_layer(layer, get_chunk, out, verify_chunks)
     return Path(path)

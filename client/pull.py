@@ -504,7 +504,9 @@ class Pull:
         self.report.layers = len(index.layers)
 
     def _emit_layer(self, layout: Layout | None, layer: LayerIndex) -> None:
+        # LocalStore.get checks each chunk against its id (and drops a damaged one): hashing it again here took
+        # 0.06 s a 121 MB layer.
         if layout is None:
-            write_layer(layer, self.store.get, _Discard())  # type: ignore[arg-type]
+            write_layer(layer, self.store.get, _Discard(), verify_chunks=False)  # type: ignore[arg-type]
         elif not layout.has_blob(layer.diff_id, layer.uncompressed_size):
-            reassemble_to_file(layer, self.store.get, layout.blob_path(layer.diff_id))
+            reassemble_to_file(layer, self.store.get, layout.blob_path(layer.diff_id), verify_chunks=False)

@@ -91,13 +91,15 @@ def test_index_that_lies_about_the_diff_id(indexed, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupt_chunk_in_the_store_stops_reassembly(indexed, tmp_path: Path) -> None:
+@pytest.mark.parametrize("verify_chunks", [True, False])
+def test_corrupt_chunk_in_the_store_stops_reassembly(indexed, tmp_path: Path, verify_chunks: bool) -> None:
+    # verify_chunks=False (what a pull passes): the store's own check is the one that catches it.
     layer, store, _ = indexed
     victim = layer.chunks.id_at(1)
     corrupt(store, victim, "flip a byte of the chunk")
     try:
         with pytest.raises(CorruptChunk):
-            reassemble_to_file(layer, store.get, tmp_path / "layer.tar")
+            reassemble_to_file(layer, store.get, tmp_path / "layer.tar", verify_chunks=verify_chunks)
         assert list(tmp_path.iterdir()) == [] and not store.has(victim)
     finally:  # put it back for the other tests of this module
         store.put(victim, uncompressed_chunk(layer, victim, tmp_path))
