@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chunkstore import wire
 from chunkstore.oci import InvalidReference, is_loopback_host, parse_image_ref
@@ -14,9 +15,9 @@ from chunkstore.store import LocalStore
 from client.registry import Manifest, RegistryClient, RegistryError
 
 from .config import ServerConfig, default_store_dir
-from .errors import ApiError, as_api_error
-from .indexer import Indexer, IndexReport
-from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .indexer import IndexReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -119,6 +120,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_index(args: argparse.Namespace) -> int:
+    # Here, not at the top: every `chunksync` command (a device's pull too) imports this module to register its
+    # commands, and these bring starlette (~50 ms CPU).
+    from .errors import ApiError, as_api_error
+    from .indexer import Indexer
+    from .metrics import Metrics
+
     try:
         ref = parse_image_ref(args.image)
     except InvalidReference as exc:
