@@ -228,11 +228,11 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_gc(args: argparse.Namespace) -> int:
     try:
         store = _open_store(args.store, create=False)
-        waiting = f"a pull (or other writer) is using the store at {store.path}; waiting up to {args.wait:g} s"
+        waiting = f"a pull, a chunksync server or another writer is using the store at {store.path}; waiting up to {args.wait:g} s"
         result = prune(store, args.keep, args.wait, on_wait=lambda: _say("store gc", waiting))
     except StoreBusy as exc:
         return _fail("store gc", f"{exc}; gc waited {args.wait:g} s and deleted nothing. Run it again when the pull "
-                                 "has finished, or wait longer with --wait SECONDS")
+                                 "(or answer) has finished, or wait longer with --wait SECONDS")
     except StoreError as exc:
         return _fail("store gc", str(exc))
     if args.json:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack
 
 import msgpack
 
@@ -53,6 +54,9 @@ class Service:
 
     def prepare_sync(self, request: SyncRequest, authorization: str | None) -> Iterator[bytes]:
         """Checks, resolves and plans a sync; returns the frames to stream. Errors here become JSON answers."""
+        return self._holding_store(lambda: self._prepare_sync(request, authorization))
+
+    def _prepare_sync(self, request: SyncRequest, authorization: str | None) -> Iterator[bytes]:
         if request.bloom is not None and len(request.bloom.bits) > self.config.max_bloom_bytes:
             raise TooLarge(f"bloom filter of {len(request.bloom.bits)} bytes exceeds the limit of "
                            f"{self.config.max_bloom_bytes}")
@@ -107,6 +111,9 @@ class Service:
 
     def prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
         """The repair round: exactly the asked ids, which must all be chunks of the named image."""
+        return self._holding_store(lambda: self._prepare_chunks(request, authorization))
+
+    def _prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
         image = self._image(request.repository, request.manifest_digest, authorization)
         asked = {request.ids[i:i + ID_SIZE] for i in range(0, len(request.ids), ID_SIZE)}
         if request.version >= PLACEHOLDER_VERSION:
@@ -132,11 +139,30 @@ class Service:
             raise UnknownImage(f"chunk {cid.hex()} is not in {repository}@{digest}", code="chunk_not_found")
         if etag_only:
             return None
-        self.indexer.ensure_chunks(image, [cid])
-        data = self.store.get(cid)
+        with self._store_lock():
+            self.indexer.ensure_chunks(image, [cid])
+            data = self.store.get(cid)
         self.metrics.inc("chunksync_chunks_sent_total")
         self.metrics.inc("chunksync_chunk_bytes_sent_total", len(data))
         return data
+
+    def _holding_store(self, prepare: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
+        """`prepare()`'s frames, the store lock held (shared) from before the plan to the last frame sent: a
+        `chunksync store gc` on this store waits for the answers in flight, or gives up having deleted nothing,
+        instead of deleting chunks an answer planned to send. (An answer dropped before its first frame lets go
+        when the dropped iterator is collected.)"""
+        hold = ExitStack()
+        hold.enter_context(self._store_lock())
+        try:
+            frames = prepare()
+        except BaseException:
+            hold.close()
+            raise
+        return _released_after(frames, hold)
+
+    def _store_lock(self) -> AbstractContextManager[None]:
+        return self.store.lock(on_wait=lambda: log.info("waiting for `chunksync store gc` on %s to finish",
+                                                        self.store.path))
 
     def _image(self, repository: str, digest: str, authorization: str | None) -> IndexedImage:
         self.access.check(authorization, repository, digest)
@@ -171,6 +197,11 @@ class Service:
             if entry.get("artifactType") or platform is None or platform.os == "unknown":
                 continue  # attestations and our referrers tag entries
             yield from self._images_in(repository, self.registry.get_raw_manifest(repository, entry["digest"]))
+
+
+def _released_after(frames: Iterator[bytes], hold: ExitStack) -> Iterator[bytes]:
+    with hold:
+        yield from frames
 
 
 def _platform_of(image: IndexedImage, asked: str) -> str:

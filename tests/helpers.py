@@ -183,6 +183,13 @@ def start_registry(workdir: Path, *, notify_url: str | None = None, users: Mappi
     raise RuntimeError(f"docker-registry did not start:\n{last_error}")
 
 
+def surviving_bytes_bound() -> int:
+    """What a server's answer can hold in buffers past what a proxy forwarded: the server socket's send buffer (up
+    to tcp_wmem's maximum; a killed server's kernel still sends it) plus the proxy's receive buffer (128 KiB,
+    doubled by Linux). An answer longer than that by MBs is still in the server while the proxy holds it."""
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2]) + (256 << 10)
+
+
 # --- images --------------------------------------------------------------------------------------------------------
 
 

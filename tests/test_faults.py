@@ -27,7 +27,7 @@ from chunkstore.oci import OCI_MANIFEST
 from chunkstore.store import LocalStore
 from fault_proxy import FaultProxy, Link, address_of
 from frame_proxy import FLIP, FrameProxy
-from helpers import Registry, build_image, push_image
+from helpers import Registry, build_image, push_image, surviving_bytes_bound
 from pull_tools import PullRun, layout_images, pull, pull_command, pull_env, push_pair, skopeo_config_digest
 from server_process import CHUNKSYNC, ServerProcess
 from soak import trials
@@ -238,12 +238,6 @@ def test_device_killed_at_random_instants_then_retry(registry: Registry, server:
 # --- the server killed and restarted mid-stream -------------------------------------------------------------------
 
 HOLD_AT = 1_000_000  # bytes of the answer let through before the link holds: past the HEADER, inside the chunks
-
-
-def surviving_bytes_bound() -> int:
-    """What a killed server can still deliver: the kernel keeps sending its socket's send buffer (up to tcp_wmem's
-    maximum) after the process dies, plus what the proxy's receive buffer (128 KiB, doubled by Linux) holds."""
-    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2]) + (256 << 10)
 
 
 @pytest.fixture(scope="module")

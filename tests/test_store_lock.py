@@ -1,8 +1,9 @@
 """The store lock between `chunksync store gc` and what writes chunks (pulls, `chunk --add`): real processes holding
-it, SIGKILLed with it, and a real pull held mid-stream by a proxy while gc runs."""
+it, SIGKILLed with it, a real pull held mid-stream by a proxy while gc runs, and gc of a serving server's store."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from chunkstore.store import LOCK_FILE, LocalStore, StoreBusy
 from frame_proxy import HOLD, FrameProxy
-from helpers import Registry
+from helpers import Registry, build_image, push_image, surviving_bytes_bound
 from pull_tools import ImagePair, pull, pull_command, pull_env, push_pair
 from server_process import ServerProcess
 from test_cli_chunkstore import chunksync, image_store, layers  # noqa: F401 (a fixture)
@@ -86,7 +87,7 @@ def test_gc_refuses_while_a_pull_holds_the_store(layers: dict[str, Path], tmp_pa
         proc = chunksync("store", "gc", "--keep", "0", "--wait", "1", "--store", tmp_path)
         waited = time.monotonic() - started
         assert proc.returncode == 1 and proc.stdout == ""
-        assert f"a pull (or other writer) is using the store at {tmp_path}" in proc.stderr
+        assert f"a pull, a chunksync server or another writer is using the store at {tmp_path}" in proc.stderr
         assert "waited 1 s and deleted nothing" in proc.stderr and "--wait" in proc.stderr
         assert waited >= 1
         assert snapshot(store) == before
@@ -101,7 +102,7 @@ def test_gc_waits_for_a_pull_that_finishes(layers: dict[str, Path], tmp_path: Pa
         stderr = tmp_path / "gc.stderr"
         gc = start([CHUNKSYNC, "store", "gc", "--keep", "0", "--wait", "60", "--store", str(tmp_path), "--json"],
                    stderr)
-        wait_for(f"a pull (or other writer) is using the store at {tmp_path}; waiting up to 60 s", stderr, gc)
+        wait_for(f"a pull, a chunksync server or another writer is using the store at {tmp_path}; waiting up to 60 s", stderr, gc)
         assert LocalStore(tmp_path).count() > 0
         holder.release()
         out, _ = gc.communicate(timeout=60)
@@ -220,3 +221,38 @@ def test_a_pull_waits_for_gc(pair: ImagePair, server: ServerProcess, tmp_path: P
     assert process.returncode == 0, stderr.read_text()
     assert pull_report(out)["path"] == "diff"
     assert LocalStore(store_dir).get_image(pair.repo, pair.digests["v1"]).complete
+
+
+def test_gc_of_a_serving_store_waits_for_answers_in_flight(registry: Registry, tmp_path: Path) -> None:
+    # Incompressible, so the answer is MBs longer than what the proxy forwarded plus every buffer on the way: while
+    # the proxy holds, the server is mid-answer, with chunks still to read from its store.
+    size = (8 << 20) + surviving_bytes_bound()
+    layout = build_image(tmp_path / "img", [{"data/random.bin": random.Random(5).randbytes(size)}], "v1")
+    repo = "test/store-lock-serving"
+    digest = push_image(layout, "v1", registry, repo)
+    ref, server_store = f"{registry.host}/{repo}:v1", tmp_path / "server" / "store"
+    with ServerProcess(registry.url, store=server_store) as server:
+        with FrameProxy(server.url, HOLD) as proxy:
+            process = subprocess.Popen(pull_command(ref, proxy.url, tmp_path / "device"), env=pull_env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                assert proxy.forwarded_first_chunks.wait(120), "the pull never got its first CHUNKS frame"
+                before = LocalStore(server_store).count()
+                # Without the answer's lock, this deleted every chunk the answer had still to send.
+                gc = chunksync("store", "gc", "--keep", "0", "--wait", "1", "--store", server_store)
+                assert gc.returncode == 1 and "is using the store" in gc.stderr and "deleted nothing" in gc.stderr
+                assert LocalStore(server_store).count() == before > 0
+            finally:
+                proxy.release()
+            out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        assert pull_report(out)["path"] == "diff" and pull_report(out)["repair_chunks"] == 0
+
+        # Between answers gc has the store; the next device's answer refills it from the registry (a cache).
+        gc = chunksync("store", "gc", "--keep", "0", "--wait", "10", "--store", server_store)
+        assert gc.returncode == 0, gc.stderr
+        assert LocalStore(server_store).count() == 0
+        rechunked = server.metrics().get("chunksync_layers_rechunked_total", 0.0)
+        again = pull(ref, server.url, tmp_path / "device-2", "--out", f"oci:{tmp_path / 'out'}").report
+        assert again["path"] == "diff" and again["manifest_digest"] == digest and again["repair_chunks"] == 0
+        assert server.metrics()["chunksync_layers_rechunked_total"] > rechunked
