@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chunkstore import oci
 from chunkstore.wire import FRAMES_MEDIA_TYPE, decode_chunks_request, decode_sync_request
 
-from .bodies import read_capped
+from .bodies import RequestMemory, read_capped
 from .config import ServerConfig
 from .errors import HANDLED, BadRequest, DeviceUnauthorized, error_response
 from .events import parse_events
@@ -28,18 +28,24 @@ CHUNK_CACHE_CONTROL = "private, max-age=31536000, immutable"
 
 def create_app(config: ServerConfig) -> Starlette:
     service = Service(config)
+    memory = RequestMemory(config.request_memory_bytes, config.request_memory_wait,
+                           on_wait=lambda: service.metrics.inc("chunksync_request_memory_waits_total"))
+
+    async def frames_answer(request: Request, what: str, decode: Callable, prepare: Callable) -> Response:
+        # The body and the request it decodes into are dropped once the answer is planned (the frames need neither).
+        async with memory.reserved(memory.share(request, config.max_body_bytes)):
+            body = await read_capped(request, config.max_body_bytes, what)
+            parsed = await run_in_threadpool(decode, body, config.protocol_versions)
+            del body
+            frames = await run_in_threadpool(prepare, parsed, request.headers.get("authorization"))
+            del parsed
+        return StreamingResponse(iterate_in_threadpool(frames), media_type=FRAMES_MEDIA_TYPE)
 
     async def sync(request: Request) -> Response:
-        body = await read_capped(request, config.max_body_bytes, "sync request")
-        parsed = await run_in_threadpool(decode_sync_request, body, config.protocol_versions)
-        frames = await run_in_threadpool(service.prepare_sync, parsed, request.headers.get("authorization"))
-        return StreamingResponse(iterate_in_threadpool(frames), media_type=FRAMES_MEDIA_TYPE)
+        return await frames_answer(request, "sync request", decode_sync_request, service.prepare_sync)
 
     async def chunks(request: Request) -> Response:
-        body = await read_capped(request, config.max_body_bytes, "chunks request")
-        parsed = await run_in_threadpool(decode_chunks_request, body, config.protocol_versions)
-        frames = await run_in_threadpool(service.prepare_chunks, parsed, request.headers.get("authorization"))
-        return StreamingResponse(iterate_in_threadpool(frames), media_type=FRAMES_MEDIA_TYPE)
+        return await frames_answer(request, "chunks request", decode_chunks_request, service.prepare_chunks)
 
     async def chunk(request: Request) -> Response:
         hexid = request.path_params["chunk_id"]

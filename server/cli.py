@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--frame-cache-mb", type=int, default=2048, metavar="MB",
                        help="disk for CHUNKS frames of whole segments, compressed once and sent to every later "
                             "device that lacks them (default 2048; 0: make every frame for its device)")
+    serve.add_argument("--request-memory-mb", type=int, default=256, metavar="MB",
+                       help="memory for the sync and repair requests being read and planned at once; past it, a "
+                            "request waits (up to 30 s, then 503) (default 256; a request holds about twice its "
+                            "body, at most 2 x 72 MiB)")
     serve.add_argument("--protocol-versions", type=_versions, default=wire.SUPPORTED_VERSIONS, metavar="LIST",
                        help="speak only these protocol versions, e.g. 1-5 to send no version-6 answers; a device "
                             "asking for another is told the list and asks again (default: all, "
@@ -104,7 +108,8 @@ def run_serve(args: argparse.Namespace) -> int:
                               registry_password=args.registry_password, push_indexes=not args.no_push,
                               events_token=args.events_token, deltas=not args.no_deltas,
                               protocol_versions=args.protocol_versions,
-                              frame_cache_bytes=max(0, args.frame_cache_mb) << 20)
+                              frame_cache_bytes=max(0, args.frame_cache_mb) << 20,
+                              request_memory_bytes=max(1, args.request_memory_mb) << 20)
     except ValueError as exc:
         return _fail("serve", str(exc), 2)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

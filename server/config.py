@@ -26,6 +26,8 @@ class ServerConfig:
     max_body_bytes: int = wire.MAX_REQUEST_BYTES
     max_bloom_bytes: int = MAX_FILTER_BYTES
     max_event_bytes: int = 1 << 20          # a notification envelope; distribution batches a few events
+    request_memory_bytes: int = 256 << 20   # sync and repair requests being read and planned at once (bodies.py)
+    request_memory_wait: float = 30.0       # seconds a request waits for its share of that before a 503
     auth_ttl: float = 30.0                  # seconds a device's access to a repository stays checked
     chunks_frame_bytes: int = wire.CHUNKS_FRAME_TARGET
     zstd_level: int = 3                     # CHUNKS frames made for one device

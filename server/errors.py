@@ -50,6 +50,10 @@ class RegistryFailed(ApiError):
     status, code = 502, "registry_error"
 
 
+class ServerBusy(ApiError):
+    status, code = 503, "busy"
+
+
 def as_api_error(exc: Exception) -> ApiError:
     """What an exception means for the device. Registry errors seen here came from the SERVER's own
     credentials (the device's are checked in access.py), so a 401 from the registry is the server's fault: 502."""
@@ -78,7 +82,8 @@ def error_body(error: ApiError) -> dict:
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
     """The one place where exceptions become HTTP answers."""
     error = as_api_error(exc)
-    return JSONResponse(error_body(error), status_code=error.status)
+    headers = {"Retry-After": "5"} if isinstance(error, ServerBusy) else None
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
 HANDLED = (ApiError, ProtocolError, InvalidReference, BloomFormatError, RegistryError, DigestMismatch,

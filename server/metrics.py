@@ -18,6 +18,7 @@ _HELP = {
     "chunksync_layers_rechunked_total": ("counter", "layers chunked again to refill the store for a found index"),
     "chunksync_events_total": ("counter", "registry notification events by outcome: indexed, ignored (not an image push), artifact (not an image), failed"),
     "chunksync_index_failures_total": ("counter", "indexing attempts that failed"),
+    "chunksync_request_memory_waits_total": ("counter", "sync and repair requests that waited for request memory"),
     "chunksync_delta_pairs_total": ("counter", "(old image, new image) deltas asked for, by outcome: computed or cached"),
     "chunksync_delta_compute_seconds": ("summary", "time spent computing the deltas of an image pair"),
     "chunksync_delta_items_sent_total": ("counter", "DELTA items sent to devices"),

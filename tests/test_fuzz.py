@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -191,6 +193,34 @@ def test_oversized_requests_keep_server_memory_bounded(server: ServerProcess) ->
     peak = peak_rss_mb(server.process.pid)
     print(f"\nserver peak RSS after oversized requests: {peak:.0f} MB")
     assert peak < 600, f"server peak RSS {peak:.0f} MB"
+
+
+def test_concurrent_large_requests_share_the_request_memory(registry: Registry, server: ServerProcess,
+                                                           tmp_path: Path) -> None:
+    """Six sync requests with a 48 MiB Bloom filter each, all at once, to a server with 160 MiB for requests: each
+    reserves twice its body, so they are read and planned one at a time. All are answered, and the server's peak
+    stays near what one of them costs instead of six. (`server`: the module's image is pushed.)"""
+    body = pack({"v": 1, "repository": REPO, "reference": "v1", "platform": "linux/amd64", "have_images": [],
+                 "bloom": {"m": (48 << 20) * 8, "k": 3, "bits": bytes(48 << 20)}})
+
+    def slowly(_: int) -> httpx.Response:  # as devices on slow links send them: the six bodies overlap
+        def pieces() -> Iterator[bytes]:
+            for at in range(0, len(body), 1 << 20):
+                yield body[at:at + (1 << 20)]
+                time.sleep(0.02)
+        return httpx.post(f"{budgeted.url}/v1/sync", content=pieces(), timeout=300,
+                          headers={"Content-Length": str(len(body))})
+
+    with ServerProcess(registry.url, store=tmp_path / "store", extra_args=["--request-memory-mb", "160"]) as budgeted:
+        idle = peak_rss_mb(budgeted.process.pid)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(slowly, range(6)))
+        assert [a.status_code for a in answers] == [200] * 6, [a.text[:200] for a in answers]
+        peak = peak_rss_mb(budgeted.process.pid)
+        waits = budgeted.metrics().get("chunksync_request_memory_waits_total", 0)
+    print(f"\n6 requests of 48 MiB at once: server peak RSS {peak:.0f} MB (idle {idle:.0f}), {waits:.0f} waited")
+    assert waits >= 1
+    assert peak - idle < 200, f"server peak RSS {peak:.0f} MB, idle {idle:.0f} MB"
 
 
 # --- in-process, for volume ---------------------------------------------------------------------------------------

@@ -2,17 +2,21 @@
 bad input. One server process and one pair of image versions for the module."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import msgpack
 import pytest
+from starlette.requests import Request
 
 from chunkstore.bloom import BloomFilter
 from chunkstore.index import ImageIndex, chunk_id, decode_index
 from chunkstore.wire import SUPPORTED_VERSIONS, ChunksRequest, SyncRequest
 from helpers import Registry, build_image, push_image, real_files
+from server.bodies import RequestMemory
+from server.errors import ServerBusy, error_response
 from server_process import Answer, ServerProcess, assert_error, post
 
 REPO = "server/app"
@@ -282,3 +286,46 @@ def test_metrics_and_health(server: ServerProcess, versions: Versions) -> None:
     assert metrics["chunksync_response_bytes_total"] > 0
     assert metrics["chunksync_index_seconds_count"] == metrics["chunksync_images_indexed_total"] >= 2
     assert not [key for key in metrics if 'status="500"' in key]  # no bad input above became a 500
+
+
+def test_request_memory_waits_then_refuses_with_503() -> None:
+    """In-process (a request that waits 30 s for memory is too slow to stage over HTTP): a share that does not fit
+    waits for others to end, and past the wait is refused with ServerBusy: 503, code "busy", Retry-After."""
+    waits: list[int] = []
+    memory = RequestMemory(100, wait=0.2, on_wait=lambda: waits.append(memory.used))
+
+    async def used_once_reserved(size: int) -> int:
+        async with memory.reserved(size):
+            return memory.used
+
+    async def scenario() -> None:
+        async with memory.reserved(80):
+            with pytest.raises(ServerBusy, match="busy with large requests") as refused:
+                async with memory.reserved(40):
+                    pass
+            answer = await error_response(None, refused.value)  # type: ignore[arg-type]
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+            assert b'"busy"' in answer.body
+            waiting = asyncio.create_task(used_once_reserved(40))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()  # the 80 are still held
+        assert await asyncio.wait_for(waiting, 1) == 40
+        assert memory.used == 0
+
+    asyncio.run(scenario())
+    assert waits == [80, 80]
+
+
+def test_request_memory_shares() -> None:
+    """Small bodies, what devices send, reserve nothing (a slow large one cannot stall them); a body without a
+    declared length counts as the limit; shares are twice the body, at most the whole capacity."""
+    def declaring(length: int | None) -> Request:
+        headers = [] if length is None else [(b"content-length", str(length).encode())]
+        return Request({"type": "http", "method": "POST", "headers": headers})
+
+    limit = 72 << 20
+    assert RequestMemory(256 << 20, 1).share(declaring(30), limit) == 0
+    assert RequestMemory(256 << 20, 1).share(declaring(1 << 20), limit) == 0
+    assert RequestMemory(256 << 20, 1).share(declaring(2 << 20), limit) == 4 << 20
+    assert RequestMemory(256 << 20, 1).share(declaring(None), limit) == 144 << 20
+    assert RequestMemory(100 << 20, 1).share(declaring(None), limit) == 100 << 20
