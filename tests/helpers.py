@@ -110,18 +110,35 @@ class TlsCert:
 
 
 def make_tls_cert(workdir: Path) -> TlsCert | None:
-    """A certificate for this machine's own host name, or None if that name does not resolve or is `localhost`."""
+    """A certificate for a name of this machine that the client does not take for loopback (which gets plain
+    HTTP): its host name if that resolves, else the address of its default route; None if it has neither."""
     name = socket.gethostname()
     try:
-        address = socket.gethostbyname(name)
+        address = socket.gethostbyname(name) if name and name.lower() != "localhost" else None
     except OSError:
-        return None
-    if name.lower() == "localhost" or not name:
-        return None
+        address = None
+    if address is not None:
+        san = f"DNS:{name}"
+    else:
+        name = address = _default_route_address()
+        if address is None:
+            return None
+        san = f"IP:{address}"
     cert, key = workdir / "cert.pem", workdir / "key.pem"
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "2",
-        "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}")
+        "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}")
     return TlsCert(cert, key, name, address)
+
+
+def _default_route_address() -> str | None:
+    """The local address this machine would send from to the outside (connecting a UDP socket sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere real
+            address = probe.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def make_htpasswd(users: Mapping[str, str], path: Path) -> Path:

@@ -1,8 +1,8 @@
 """A pull from a registry that speaks only HTTPS, with a certificate of its own: the device and the server verify
 it against the CA file they are given (SSL_CERT_FILE), and a device that does not trust it learns why.
 
-The registry is reached by this machine's host name, which the client does not treat as loopback (those get
-plain HTTP, as docker does), so every request to it goes over TLS."""
+The registry is reached by this machine's host name (else the address of its default route), which the client
+does not treat as loopback (those get plain HTTP, as docker does), so every request to it goes over TLS."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -20,7 +20,8 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Reg
     workdir = tmp_path_factory.mktemp("tls-registry")
     tls = make_tls_cert(workdir)
     if tls is None:
-        pytest.fail("this machine's host name does not resolve: the HTTPS registry has no name to serve under")
+        pytest.fail("this machine has neither a host name that resolves nor a default route: the HTTPS registry "
+                    "has no non-loopback name to serve under")
     registry = start_registry(workdir, tls=tls)
     yield registry, tls.cert
     registry.stop()
