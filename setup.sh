@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Tools the tests, the demo and the bench drive for real.
-debs=(docker-registry skopeo umoci zstd bsdiff xdelta3 casync rsync debootstrap apache2-utils time python3-venv)
+debs=(docker-registry skopeo umoci zstd bsdiff xdelta3 casync rsync debootstrap apache2-utils openssl time python3-venv)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
