@@ -228,7 +228,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_gc(args: argparse.Namespace) -> int:
     try:
         store = _open_store(args.store, create=False)
-        waiting = f"a pull, a chunksync server or another writer is using the store at {store.path}; waiting up to {args.wait:g} s"
+        waiting = (f"a pull, a chunksync server or another writer is using the store at {store.path}; "
+                   f"waiting up to {args.wait:g} s")
         result = prune(store, args.keep, args.wait, on_wait=lambda: _say("store gc", waiting))
     except StoreBusy as exc:
         return _fail("store gc", f"{exc}; gc waited {args.wait:g} s and deleted nothing. Run it again when the pull "

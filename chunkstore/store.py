@@ -160,7 +160,8 @@ class LocalStore:
                     deadline = time.monotonic() + wait
                     while not _try_flock(fd, mode):
                         if time.monotonic() >= deadline:
-                            holder = "a pull, a server's answer or another writer is" if exclusive else "`chunksync store gc` is"
+                            holder = ("a pull, a server's answer or another writer is" if exclusive
+                                      else "`chunksync store gc` is")
                             raise StoreBusy(f"{holder} using the store at {self.path}")
                         time.sleep(0.05)
             yield

@@ -35,8 +35,8 @@ from chunkstore.wire import (
     decode_delta,
     spell_versions,
 )
-from client.registry import (Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError, Unauthorized,
-                             UntrustedCertificate)
+from client.registry import (Forbidden, Manifest, NotFound, PlatformNotFound, RegistryClient, RegistryError,
+                             Unauthorized, UntrustedCertificate)
 
 from .auth import Credentials
 from .deltas import DeltaApplier, protocol_version

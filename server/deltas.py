@@ -350,9 +350,9 @@ def encode_content(goal: bytes, base: bytes) -> bytes:
 
 
 def _zstd(goal: bytes, base: bytes, level: int) -> bytes:
-    capped = len(goal) + len(base) <= CAPPED_ITEM
-    data = zstd_encode(goal, base, level, max_hash_log=CAPPED_HASH_LOG if capped else None)
-    if len(goal) + len(base) > TRIM_AFTER:
+    size = len(goal) + len(base)
+    data = zstd_encode(goal, base, level, max_hash_log=CAPPED_HASH_LOG if size <= CAPPED_ITEM else None)
+    if size > TRIM_AFTER:
         give_back()
     return data
 

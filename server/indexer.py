@@ -201,7 +201,7 @@ class Indexer:
 
     def _index(self, repository: str, manifest: Manifest) -> IndexReport:
         started = time.monotonic()
-        with self._writing():  # the chunks go in before the record that names them
+        with self.holding_store():  # the chunks go in before the record that names them
             try:
                 config = self.registry.get_blob(repository, manifest.config["digest"])
                 layers, chunked = [], 0
@@ -292,7 +292,7 @@ class Indexer:
         missing = wanted - self.store.has_many(ids)
         if not missing and image.verified:
             return
-        with self._writing():
+        with self.holding_store():
             for descriptor, layer in zip(_manifest_layers(image), image.index.layers):
                 layer_ids = layer.chunk_ids()
                 if layer_ids & missing or (not image.verified and layer_ids & wanted and not self._is_verified(layer)):
@@ -307,8 +307,9 @@ class Indexer:
                 if not image.verified:
                     self._remember(dataclasses.replace(image, verified=True))
 
-    def _writing(self) -> AbstractContextManager[None]:
-        """The store lock, shared: a `chunksync store gc` on this store waits until the chunks are recorded."""
+    def holding_store(self) -> AbstractContextManager[None]:
+        """The store lock, shared: a `chunksync store gc` on this store waits until the chunks are recorded (and,
+        for an answer, sent: server/service.py)."""
         return self.store.lock(on_wait=lambda: log.info("waiting for `chunksync store gc` on %s to finish",
                                                         self.store.path))
 

@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import ExitStack
 
 import msgpack
 
@@ -54,7 +54,7 @@ class Service:
 
     def prepare_sync(self, request: SyncRequest, authorization: str | None) -> Iterator[bytes]:
         """Checks, resolves and plans a sync; returns the frames to stream. Errors here become JSON answers."""
-        return self._holding_store(lambda: self._prepare_sync(request, authorization))
+        return self._frames_holding_store(lambda: self._prepare_sync(request, authorization))
 
     def _prepare_sync(self, request: SyncRequest, authorization: str | None) -> Iterator[bytes]:
         if request.bloom is not None and len(request.bloom.bits) > self.config.max_bloom_bytes:
@@ -111,7 +111,7 @@ class Service:
 
     def prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
         """The repair round: exactly the asked ids, which must all be chunks of the named image."""
-        return self._holding_store(lambda: self._prepare_chunks(request, authorization))
+        return self._frames_holding_store(lambda: self._prepare_chunks(request, authorization))
 
     def _prepare_chunks(self, request: ChunksRequest, authorization: str | None) -> Iterator[bytes]:
         image = self._image(request.repository, request.manifest_digest, authorization)
@@ -139,30 +139,26 @@ class Service:
             raise UnknownImage(f"chunk {cid.hex()} is not in {repository}@{digest}", code="chunk_not_found")
         if etag_only:
             return None
-        with self._store_lock():
+        with self.indexer.holding_store():
             self.indexer.ensure_chunks(image, [cid])
             data = self.store.get(cid)
         self.metrics.inc("chunksync_chunks_sent_total")
         self.metrics.inc("chunksync_chunk_bytes_sent_total", len(data))
         return data
 
-    def _holding_store(self, prepare: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
+    def _frames_holding_store(self, prepare: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:
         """`prepare()`'s frames, the store lock held (shared) from before the plan to the last frame sent: a
         `chunksync store gc` on this store waits for the answers in flight, or gives up having deleted nothing,
         instead of deleting chunks an answer planned to send. (An answer dropped before its first frame lets go
         when the dropped iterator is collected.)"""
         hold = ExitStack()
-        hold.enter_context(self._store_lock())
+        hold.enter_context(self.indexer.holding_store())
         try:
             frames = prepare()
         except BaseException:
             hold.close()
             raise
         return _released_after(frames, hold)
-
-    def _store_lock(self) -> AbstractContextManager[None]:
-        return self.store.lock(on_wait=lambda: log.info("waiting for `chunksync store gc` on %s to finish",
-                                                        self.store.path))
 
     def _image(self, repository: str, digest: str, authorization: str | None) -> IndexedImage:
         self.access.check(authorization, repository, digest)

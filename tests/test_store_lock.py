@@ -102,7 +102,8 @@ def test_gc_waits_for_a_pull_that_finishes(layers: dict[str, Path], tmp_path: Pa
         stderr = tmp_path / "gc.stderr"
         gc = start([CHUNKSYNC, "store", "gc", "--keep", "0", "--wait", "60", "--store", str(tmp_path), "--json"],
                    stderr)
-        wait_for(f"a pull, a chunksync server or another writer is using the store at {tmp_path}; waiting up to 60 s", stderr, gc)
+        wait_for(f"a pull, a chunksync server or another writer is using the store at {tmp_path}; waiting up to 60 s",
+                 stderr, gc)
         assert LocalStore(tmp_path).count() > 0
         holder.release()
         out, _ = gc.communicate(timeout=60)
